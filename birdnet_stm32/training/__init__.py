@@ -1,0 +1,1 @@
+"""Training: LR range test (:mod:`.lr_finder`), LR schedules (:mod:`.schedules`) and the trainer (:mod:`.trainer`)."""
