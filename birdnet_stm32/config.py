@@ -40,12 +40,12 @@ class AudioConfig:
         chunk_duration: Length of one model input in seconds.
         chunk_overlap: Overlap between consecutive chunks in seconds (``0 <= overlap < chunk_duration``).
         silence_db: Chunks whose RMS level is more than this many dB below the loudest chunk of
-            the same recording are dropped as silence (at least one chunk per file is kept).
+            the same recording are dropped as silence (at least one chunk per file is kept; 0 keeps all).
         frontend: ``"mel"`` (host computes a mel spectrogram) or ``"hybrid"`` (host computes a
             linear STFT magnitude; the mel projection is a trainable layer in the model).
         n_fft: FFT size in samples (also the Hann window length).
         spec_width: Number of STFT frames per chunk; the hop is derived so a chunk gives exactly
-            this many frames.
+            this many frames (hop = (chunk_samples - n_fft) // (spec_width - 1)).
         n_mels: Number of mel bands.
         fmin: Lowest mel band edge in Hz.
         fmax: Highest mel band edge in Hz (at most ``sample_rate / 2``).
@@ -77,6 +77,7 @@ class AudioConfig:
             0 <= self.chunk_overlap < self.chunk_duration,
             f"audio.chunk_overlap={self.chunk_overlap}: must be >= 0 and < chunk_duration ({self.chunk_duration})",
         )
+        _check(self.silence_db >= 0, f"audio.silence_db={self.silence_db}: must be >= 0 dB (0 keeps every chunk)")
         _check(self.frontend in ("mel", "hybrid"), f"audio.frontend={self.frontend!r}: choose 'mel' or 'hybrid'")
         _check(self.mag_scale in ("pwl", "db", "none"), f"audio.mag_scale={self.mag_scale!r}: choose pwl, db or none")
         _check(self.n_fft >= 64 and self.n_fft & (self.n_fft - 1) == 0, f"audio.n_fft={self.n_fft}: must be a power of two >= 64")
@@ -90,6 +91,10 @@ class AudioConfig:
         _check(
             self.chunk_samples >= self.n_fft,
             f"audio.chunk_duration={self.chunk_duration}: a chunk must hold at least n_fft={self.n_fft} samples",
+        )
+        _check(
+            self.chunk_samples >= self.n_fft + self.spec_width - 1,
+            f"audio.spec_width={self.spec_width}: too many frames for a chunk of {self.chunk_samples} samples",
         )
 
     @property
@@ -135,6 +140,10 @@ class DataConfig:
         _check(self.workers >= 0, f"data.workers={self.workers}: must be >= 0")
         _check(self.mixup_alpha >= 0, f"data.mixup_alpha={self.mixup_alpha}: must be >= 0")
         _check(0 <= self.max_mask_fraction < 1, f"data.max_mask_fraction={self.max_mask_fraction}: must be in [0, 1)")
+        _check(self.max_files_per_class >= 0, f"data.max_files_per_class={self.max_files_per_class}: must be >= 0")
+        _check(self.time_masks >= 0, f"data.time_masks={self.time_masks}: must be >= 0")
+        _check(self.freq_masks >= 0, f"data.freq_masks={self.freq_masks}: must be >= 0")
+        _check(self.gain_db >= 0, f"data.gain_db={self.gain_db}: must be >= 0 dB")
 
 
 @dataclass
@@ -143,23 +152,27 @@ class ModelConfig:
 
     Args:
         alpha: Width multiplier applied to every layer's channel count (rounded to multiples of 8).
-        depth: Depth multiplier: number of depthwise-separable blocks per stage.
+        depth: Blocks per stage: the first downsamples, the others keep the resolution (with skip
+            connections when ``residual``).
         se: Add squeeze-and-excitation (as 1x1 convolutions) to each block.
         residual: Use inverted-residual blocks (expand, depthwise, project, skip).
         dropout: Dropout rate before the classification head.
         frontend_trainable: Train the mel projection of the ``hybrid`` frontend.
         multi_label: Sigmoid outputs and binary cross-entropy instead of softmax.
         bn_momentum: BatchNormalization momentum.
+        pwl_max_input: Input magnitude (host feature units) at which the in-graph piecewise-linear
+            compression saturates; its breakpoints are octaves below it.
     """
 
     alpha: float = 1.0
-    depth: int = 1
+    depth: int = 2
     se: bool = True
     residual: bool = True
     dropout: float = 0.3
     frontend_trainable: bool = True
     multi_label: bool = False
     bn_momentum: float = 0.99
+    pwl_max_input: float = 1.0
 
     def validate(self) -> None:
         """Check the settings.
@@ -171,6 +184,7 @@ class ModelConfig:
         _check(self.depth >= 1, f"model.depth={self.depth}: must be >= 1")
         _check(0 <= self.dropout < 1, f"model.dropout={self.dropout}: must be in [0, 1)")
         _check(0 < self.bn_momentum < 1, f"model.bn_momentum={self.bn_momentum}: must be in (0, 1)")
+        _check(self.pwl_max_input > 0, f"model.pwl_max_input={self.pwl_max_input}: must be > 0")
 
 
 @dataclass
@@ -269,6 +283,17 @@ class ExportConfig:
     min_top1_agreement: float = 0.95
     max_accuracy_drop: float = 0.03
     strict: bool = False
+
+    def validate(self) -> None:
+        """Check the settings.
+
+        Raises:
+            UserError: A setting is out of range, naming it.
+        """
+        _check(self.calibration_samples >= 1, f"--calibration-samples {self.calibration_samples}: must be >= 1")
+        _check(-1 <= self.min_cosine <= 1, f"export.min_cosine={self.min_cosine}: must be in [-1, 1]")
+        _check(0 <= self.min_top1_agreement <= 1, f"export.min_top1_agreement={self.min_top1_agreement}: must be in [0, 1]")
+        _check(0 <= self.max_accuracy_drop <= 1, f"export.max_accuracy_drop={self.max_accuracy_drop}: must be in [0, 1]")
 
 
 @dataclass

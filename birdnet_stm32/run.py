@@ -104,7 +104,7 @@ class Run:
         return self.path / MODEL_FILE
 
     def load_model(self) -> Any:
-        """Load ``model.keras`` with Keras safe mode on.
+        """Load ``model.keras`` for inference (not compiled) with Keras safe mode on.
 
         Returns:
             The Keras model.
@@ -118,7 +118,7 @@ class Run:
 
         import birdnet_stm32.models  # noqa: F401  (registers the custom layers)
 
-        return keras.saving.load_model(self.model_path, safe_mode=True)
+        return keras.saving.load_model(self.model_path, compile=False, safe_mode=True)
 
 
 def open_run(run_dir: str | Path) -> Run:
