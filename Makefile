@@ -4,6 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export NO_MKDOCS_2_WARNING := 1
+export DISABLE_MKDOCS_2_WARNING := true
 export TF_CPP_MIN_LOG_LEVEL := 2
 
 .PHONY: demo test lint docs serve-docs bench clean

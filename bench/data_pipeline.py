@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -39,7 +41,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="dataset root (default: generate the demo dataset)")
     parser.add_argument("--files", type=int, default=140, help="recordings used for the extraction timing")
-    parser.add_argument("--steps", type=int, default=12, help="training steps timed per variant")
+    parser.add_argument("--steps", type=int, default=10, help="training steps per timed round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds per variant")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -72,8 +75,9 @@ def main() -> None:
     t0 = time.perf_counter()
     feats = load_features(index, audio_cfg, data_cfg, progress=False)
     cached = time.perf_counter() - t0
+    megabytes = feats.x.nbytes / 2**20
     print(f"\n[2] cached epoch: {len(index)} recordings / {len(feats)} chunks read from the cache in {cached:.2f} s "
-          f"({feats.x.nbytes / 2**20:.0f} MB of float32 features, {feats.x.nbytes / 2**20 / cached:.0f} MB/s)")  # fmt: skip
+          f"({megabytes:.0f} MB of float32 features, {megabytes / cached:.0f} MB/s)")  # fmt: skip
 
     import keras
     import tensorflow as tf
@@ -97,6 +101,7 @@ def main() -> None:
 
     model = build_model(audio_cfg, ModelConfig(), len(feats.classes))
     model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="categorical_crossentropy")
+    warnings.filterwarnings("ignore", message=".*shuffle=True.*")
     x0, y0 = next(iterator)
     constant = tf.data.Dataset.from_tensors((x0, y0)).repeat()
     model.fit(constant, steps_per_epoch=2, epochs=1, verbose=0)  # build + trace
@@ -107,15 +112,16 @@ def main() -> None:
         model.fit(dataset, steps_per_epoch=args.steps, epochs=1, verbose=0)
         return (time.perf_counter() - t) / args.steps
 
-    with_constant = timed(constant)
-    with_pipeline = timed(ds)
-    with_constant = min(with_constant, timed(constant))
+    # alternate the two variants so a change in machine load hits both alike; report medians
+    rounds = [(timed(constant), timed(ds)) for _ in range(args.rounds)]
+    with_constant = statistics.median(r[0] for r in rounds)
+    with_pipeline = statistics.median(r[1] for r in rounds)
     overhead = (with_pipeline - with_constant) / with_constant * 100
     print(f"\n[4] default model ({model.count_params():,} params, input {tuple(model.input_shape[1:])}), "
-          f"batch {batch}, {args.steps} steps each:")  # fmt: skip
-    print(f"    step with a constant batch:      {with_constant:.3f} s")
+          f"batch {batch}, {args.rounds} alternating rounds of {args.steps} steps, medians:")  # fmt: skip
+    print(f"    step with a constant batch:       {with_constant:.3f} s")
     print(f"    step fed by the tf.data pipeline: {with_pipeline:.3f} s  -> data loading adds {overhead:+.1f} %")
-    print(f"    pipeline alone / step time:      {per_batch / with_constant * 100:.1f} %")
+    print(f"    pipeline alone / step time:       {per_batch / with_constant * 100:.1f} %")
 
 
 def _duration(path: Path) -> float:

@@ -192,14 +192,26 @@ class LRFinderConfig:
     """Settings of the LR range test run by ``--find-lr`` and ``find-lr``.
 
     Args:
-        min_lr: First learning rate of the sweep.
-        max_lr: Last learning rate of the sweep.
-        num_steps: Number of mini-batches in the sweep.
+        min_lr: First learning rate of the sweep (> 0).
+        max_lr: Last learning rate of the sweep (> min_lr).
+        num_steps: Number of optimizer steps in the sweep (>= 10).
+        smoothing: Span in steps of the bias-corrected EMA that smooths the per-step loss.
     """
 
     min_lr: float = 1e-7
     max_lr: float = 1.0
     num_steps: int = 200
+    smoothing: int = 5
+
+    def validate(self) -> None:
+        """Check the sweep settings.
+
+        Raises:
+            UserError: A setting is out of range, naming it and suggesting a value.
+        """
+        from birdnet_stm32.training.lr_analysis import check_sweep_args
+
+        check_sweep_args(self.min_lr, self.max_lr, self.num_steps, self.smoothing)
 
 
 @dataclass

@@ -30,8 +30,13 @@ def demo_config() -> Config:
         {
             "audio": {"n_fft": 256, "spec_width": 128, "n_mels": 40, "fmax": 11025.0},
             "model": {"alpha": 0.5, "bn_momentum": 0.9},
-            "train": {"epochs": 25, "batch_size": 32, "find_lr": True, "patience": 8,
-                      "lr_finder": {"num_steps": 100}},  # fmt: skip
+            "train": {
+                "epochs": 25,
+                "batch_size": 32,
+                "find_lr": True,
+                "patience": 8,
+                "lr_finder": {"num_steps": 100},
+            },  # fmt: skip
             "export": {"calibration_samples": 200},
         },
         source="demo",

@@ -136,8 +136,12 @@ def open_run(run_dir: str | Path) -> Run:
     run_dir = Path(run_dir)
     model_config = load_model_config(run_dir)
     config_path = run_dir / CONFIG_FILE
-    config = Config.load(config_path) if config_path.is_file() else Config.from_dict(
-        {k: model_config[k] for k in ("audio", "model") if k in model_config and isinstance(model_config[k], dict)}
+    config = (
+        Config.load(config_path)
+        if config_path.is_file()
+        else Config.from_dict(
+            {k: model_config[k] for k in ("audio", "model") if k in model_config and isinstance(model_config[k], dict)}
+        )
     )
     labels = list(model_config.get("labels") or [])
     if not labels:

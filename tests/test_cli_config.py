@@ -33,8 +33,22 @@ def test_train_help_shows_defaults_from_the_dataclasses(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--data", "--val-data", "--out", "--config", "--epochs", "--batch-size", "--lr", "--find-lr",
-                 "--schedule", "--optimizer", "--frontend", "--seed", "--strategy", "--resume"):
+    for flag in (
+        "--data",
+        "--val-data",
+        "--out",
+        "--config",
+        "--epochs",
+        "--batch-size",
+        "--lr",
+        "--find-lr",
+        "--schedule",
+        "--optimizer",
+        "--frontend",
+        "--seed",
+        "--strategy",
+        "--resume",
+    ):
         assert flag in text
     default, _, _ = setting_help("train.epochs")
     assert f"(default: {default})" in text

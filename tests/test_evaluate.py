@@ -209,3 +209,14 @@ def _touch(path):
 def _mkdir(path):
     path.mkdir()
     return path
+
+
+@pytest.mark.parametrize("layout", ["empty", "class-folder-without-audio"])
+def test_data_folder_without_audio_is_a_user_error(tiny_run, tmp_path, layout):
+    run, _, _ = tiny_run
+    (tmp_path / "data").mkdir()
+    if layout != "empty":
+        (tmp_path / "data" / "robin").mkdir()
+        (tmp_path / "data" / "robin" / "notes.txt").write_text("no audio here")
+    code, err = _run_cli("evaluate", "--model", str(run), "--data", str(tmp_path / "data"))
+    assert code == 2 and "no audio file" in err and len(err.strip().splitlines()) == 1, err

@@ -44,8 +44,11 @@ def test_schedule_serializes_and_drives_an_optimizer(schedule, tmp_path):
     model.fit(np.ones((8, 3)), np.zeros((8, 2)), epochs=1, batch_size=4, verbose=0)
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
-    assert type(loaded.optimizer.learning_rate_schedule if hasattr(loaded.optimizer, "learning_rate_schedule")
-                else loaded.optimizer._learning_rate) is type(schedule)
+    assert type(
+        loaded.optimizer.learning_rate_schedule
+        if hasattr(loaded.optimizer, "learning_rate_schedule")
+        else loaded.optimizer._learning_rate
+    ) is type(schedule)
     assert int(loaded.optimizer.iterations) == 2
     expected = float(schedule(2))
     assert float(loaded.optimizer.learning_rate) == pytest.approx(expected, rel=1e-6)

@@ -131,8 +131,8 @@ class Features:
     Examples:
         >>> f = Features(np.zeros((3, 4, 8, 1), np.float32), np.eye(2, dtype=np.float32)[[0, 0, 1]],
         ...              np.array([0, 0, 1]), ["a.wav", "b.wav"], ["a", "b"])
-        >>> len(f), f.subset_files([1]).files
-        (3, ['b.wav'])
+        >>> len(f), f.chunk_counts()
+        (3, {'a': 2, 'b': 1})
     """
 
     x: np.ndarray
@@ -145,22 +145,6 @@ class Features:
 
     def __len__(self) -> int:
         return len(self.x)
-
-    def subset_files(self, file_indices: Sequence[int]) -> Features:
-        """The chunks of some recordings, with ``groups`` renumbered into the new ``files`` list.
-
-        Args:
-            file_indices: Positions in :attr:`files` to keep.
-
-        Returns:
-            A new :class:`Features` (arrays are copies); ``skipped`` is carried over.
-        """
-        file_indices = list(file_indices)
-        remap = np.full(len(self.files), -1, dtype=np.int64)
-        remap[file_indices] = np.arange(len(file_indices))
-        rows = remap[self.groups] >= 0
-        return Features(self.x[rows], self.y[rows], remap[self.groups[rows]], [self.files[i] for i in file_indices],
-                        list(self.classes), list(self.skipped), self.audio)  # fmt: skip
 
     def chunk_counts(self) -> dict[str, int]:
         """Number of chunks per class (and ``"noise"`` for all-zero rows).
@@ -652,23 +636,30 @@ def make_tf_dataset(
     n = len(features)
     if training and n < batch_size:
         raise UserError(f"--batch-size {batch_size}: larger than the training set ({n} chunks)")
-    x = tf.constant(features.x)
-    y = tf.constant(features.y)
+    x_all, y_all = features.x, features.y
+    x_spec = tf.TensorSpec((batch_size if training else None, *x_all.shape[1:]), tf.float32)
+    y_spec = tf.TensorSpec((batch_size if training else None, y_all.shape[1]), tf.float32)
+
+    def gather(idx):
+        # Rows are gathered in NumPy: the features never become a constant in the dataset graph, which
+        # tf.distribute would serialize (slow for large sets, impossible above 2 GB) and which would copy them.
+        x, y = tf.numpy_function(lambda i: (x_all[i], y_all[i]), [idx], (tf.float32, tf.float32), stateful=False)
+        return tf.ensure_shape(x, x_spec.shape), tf.ensure_shape(y, y_spec.shape)
+
     ds = tf.data.Dataset.range(n)
     if training:
         ds = ds.shuffle(n, seed=seed, reshuffle_each_iteration=True)
     count = (-1 if training else 1) if repeat is None else repeat
     ds = ds.repeat(count).batch(batch_size, drop_remainder=training)
+    ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if training:
         from birdnet_stm32.data.augment import augment_batch
 
         if data_cfg.gain_db > 0 and features.audio is None:
             log.warning("random gain skipped: the features do not say which audio settings made them")
-
-        def gather_and_augment(step, idx):
-            return augment_batch(tf.gather(x, idx), tf.gather(y, idx), step, seed, data_cfg, features.audio)
-
-        ds = ds.enumerate().map(gather_and_augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    else:
-        ds = ds.map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx)), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.enumerate().map(
+            lambda step, batch: augment_batch(*batch, step, seed, data_cfg, features.audio),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
     return ds.prefetch(tf.data.AUTOTUNE)

@@ -1,1 +1,1 @@
-"""Evaluation: metrics (:mod:`.metrics`), chunk-to-file pooling (:mod:`.pooling`) and the evaluate command (:mod:`.evaluate`)."""
+"""Evaluation: metrics (:mod:`.metrics`), chunk-to-file pooling (:mod:`.pooling`), ``evaluate`` (:mod:`.evaluate`)."""

@@ -154,8 +154,8 @@ def evaluate_model(
 
     Raises:
         UserError: The model path is missing or not a run folder/``.keras``/``.tflite``; the run has no
-            ``model_config.json``; the data folder is missing or holds a class the model does not know; the
-            model's input or output does not fit the run's settings; ``batch_size < 1``.
+            ``model_config.json``; the data folder is missing, holds no audio or holds a class the model does
+            not know; the model's input or output does not fit the run's settings; ``batch_size < 1``.
         ValueError: An unknown pooling method.
 
     Examples:
@@ -174,6 +174,9 @@ def evaluate_model(
 
     index = discover(data_dir, classes=run.labels)
     features = load_features(index, run.config.audio, run.config.data)
+    if not len(features):
+        raise UserError(f"--data {data_dir}: no audio files found (expected DIR/<class>/<audio files>)")
+    log.info("Evaluating %s (%s) on %d chunks of %d recordings", model_file, kind, len(features), len(features.files))
     predict = _load_predictor(model_file, kind, run, features.x.shape[1:])
     scores = _predict_all(predict, features.x, batch_size, desc=f"Scoring with {model_file.name}")
 

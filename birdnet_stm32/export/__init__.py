@@ -1,1 +1,1 @@
-"""Export to STM32N6: int8 post-training quantization (:mod:`.quantize`), flatbuffer audit (:mod:`.audit`) and fidelity checks (:mod:`.validate`)."""
+"""Export to STM32N6: int8 quantization (:mod:`.quantize`), audit (:mod:`.audit`), fidelity (:mod:`.validate`)."""

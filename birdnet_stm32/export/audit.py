@@ -3,26 +3,21 @@
 :func:`audit_tflite` parses the flatbuffer with the LiteRT schema and checks what the STM32N6's
 Neural-ART NPU needs to run a model entirely in int8:
 
-``op_allowed``
-    every operator is on :data:`STM32N6_INT8_OPS`;
-``float_op``
-    no operator inside the graph reads or writes a float tensor: float is allowed only on the
-    model's input (into the first QUANTIZE) and output (out of the last DEQUANTIZE);
-``dynamic_shape``
-    batch 1 and no ``-1`` in any tensor's shape signature; no SHAPE, PACK, FILL or other
-    shape-computing operators; RESHAPE only with a constant target shape;
-``dense_on_4d``
-    no FULLY_CONNECTED on a tensor of rank > 2 (a ``Dense`` on a feature map; use a 1x1 Conv2D);
-``weight_type``
-    int8 weights and int32 biases for CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED, and int8
-    for every other constant operand;
-``channels``
-    CONV_2D and DEPTHWISE_CONV_2D outputs have a multiple of 8 channels (the NPU processes
-    channels in groups of 8); single-channel spectrogram planes are exempt, and so is the
-    classifier's FULLY_CONNECTED, whose width is the number of classes.
+* ``op_allowed``: every operator is on :data:`STM32N6_INT8_OPS`;
+* ``float_op``: no operator inside the graph reads or writes a float tensor; float is allowed only on
+  the model's input (into the first QUANTIZE) and output (out of the last DEQUANTIZE);
+* ``dynamic_shape``: batch 1 and no ``-1`` in any tensor's shape signature; no SHAPE, PACK, FILL or
+  other shape-computing operators; RESHAPE only with a constant target shape;
+* ``dense_on_4d``: no FULLY_CONNECTED on a tensor of rank > 2 (a ``Dense`` on a feature map; use a
+  1x1 Conv2D);
+* ``weight_type``: int8 weights and int32 biases for CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED,
+  and int8 for every other constant operand;
+* ``channels``: CONV_2D and DEPTHWISE_CONV_2D outputs have a multiple of 8 channels (the NPU
+  processes channels in groups of 8); single-channel spectrogram planes are exempt, and so is the
+  classifier's FULLY_CONNECTED, whose width is the number of classes.
 
-Where the operator list comes from
-----------------------------------
+## Where the operator list comes from
+
 :data:`STM32N6_INT8_OPS` is distilled from ST's "ST Neural-ART NPU - Supported operators and
 limitations" (ST Edge AI Core 2.2 / 3.0,
 https://stedgeai-dc.st.com/assets/embedded-docs/stneuralart_operator_support.html), which maps each
@@ -297,8 +292,8 @@ def audit_tflite(model: bytes | str | Path) -> AuditReport:
     report = AuditReport(ops, tensors, [int(t) for t in _as_list(sg.inputs)], [int(t) for t in _as_list(sg.outputs)],
                          len(data))  # fmt: skip
     if len(fb.subgraphs) > 1:
-        report.problems.append(Problem(-1, "model", "dynamic_shape",
-                                       f"{len(fb.subgraphs)} subgraphs (control flow); the NPU runs one static graph"))  # fmt: skip
+        message = f"{len(fb.subgraphs)} subgraphs (control flow); the NPU runs one static graph"
+        report.problems.append(Problem(-1, "model", "dynamic_shape", message))
     report.problems.extend(_check_io(report))
     for op in ops:
         report.problems.extend(_check_op(op, report))
@@ -321,7 +316,8 @@ def format_audit(report: AuditReport) -> str:
             q = item["quantization"]
             qtext = f" scale={q['scale']:.6g} zero_point={q['zero_point']}" if q and "scale" in q else ""
             lines.append(f"  {kind[:-1]}: {item['dtype']} {item['shape']}{qtext}")
-    lines.append(f"  file size {report.size_bytes / 1024:.1f} KiB, peak activations ~{report.peak_activation_bytes / 1024:.1f} KiB")
+    size, peak = report.size_bytes / 1024, report.peak_activation_bytes / 1024
+    lines.append(f"  file size {size:.1f} KiB, peak activations ~{peak:.1f} KiB")
     for p in report.problems:
         where = "model" if p.op_index < 0 else f"op {p.op_index} {p.op}"
         lines.append(f"  PROBLEM [{p.check}] {where}: {p.message}")
@@ -367,12 +363,16 @@ def _check_io(report: AuditReport) -> list[Problem]:
         for t in indices:
             info = report.tensors[t]
             if info.shape and info.shape[0] != 1:
-                problems.append(Problem(-1, "model", "dynamic_shape", f"{kind} '{info.name}' has batch {info.shape[0]}, not 1"))
+                problems.append(
+                    Problem(-1, "model", "dynamic_shape", f"{kind} '{info.name}' has batch {info.shape[0]}, not 1")
+                )
             if -1 in info.shape_signature:
                 problems.append(Problem(-1, "model", "dynamic_shape",
                                         f"{kind} '{info.name}' has dynamic shape {info.shape_signature}"))  # fmt: skip
             if info.dtype not in ("int8", "float32"):
-                problems.append(Problem(-1, "model", "float_op", f"{kind} '{info.name}' is {info.dtype}, not int8 or float32"))
+                problems.append(
+                    Problem(-1, "model", "float_op", f"{kind} '{info.name}' is {info.dtype}, not int8 or float32")
+                )
     return problems
 
 
@@ -408,7 +408,11 @@ def _check_op(op: OpInfo, report: AuditReport) -> list[Problem]:
         problems.extend(_check_weights(op, tensors))
     else:
         for t in ins:
-            if t.constant and t.dtype not in ("int8", "int32") and op.name not in ("RESHAPE", "TRANSPOSE", "PAD", "MEAN"):
+            if (
+                t.constant
+                and t.dtype not in ("int8", "int32")
+                and op.name not in ("RESHAPE", "TRANSPOSE", "PAD", "MEAN")
+            ):
                 add("weight_type", f"constant '{t.name}' is {t.dtype}, expected int8")
     if op.name in ("CONV_2D", "DEPTHWISE_CONV_2D") and outs:
         channels = outs[0].shape[-1]
@@ -424,7 +428,9 @@ def _check_weights(op: OpInfo, tensors: list[TensorInfo]) -> list[Problem]:
         if not w.constant:
             problems.append(Problem(op.index, op.name, "weight_type", f"weights '{w.name}' are not constant"))
         elif w.dtype != "int8":
-            problems.append(Problem(op.index, op.name, "weight_type", f"weights '{w.name}' are {w.dtype}, expected int8"))
+            problems.append(
+                Problem(op.index, op.name, "weight_type", f"weights '{w.name}' are {w.dtype}, expected int8")
+            )
     if len(op.inputs) > 2 and op.inputs[2] >= 0:
         b = tensors[op.inputs[2]]
         if b.dtype != "int32":

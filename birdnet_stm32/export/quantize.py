@@ -146,7 +146,9 @@ def quantize_model(keras_model: Any, representative: np.ndarray, export_cfg: Exp
     rep = np.asarray(representative, dtype=np.float32)
     expected = tuple(model.input_shape[1:])
     if rep.ndim != 4 or tuple(rep.shape[1:]) != expected or not len(rep):
-        raise UserError(f"calibration inputs of shape {rep.shape} do not fit the model input (N, {', '.join(map(str, expected))})")
+        raise UserError(
+            f"calibration inputs of shape {rep.shape} do not fit the model input (N, {', '.join(map(str, expected))})"
+        )
 
     def representative_dataset() -> Iterator[list[np.ndarray]]:
         for i in range(len(rep)):
@@ -248,7 +250,9 @@ def export_run(
 
     seed = run.config.train.seed
     calib = calibration_indices(train.y, train.groups, export_cfg.calibration_samples, seed)
-    log.info("Quantizing with %d calibration chunks from %d recordings", len(calib), len(np.unique(train.groups[calib])))
+    log.info(
+        "Quantizing with %d calibration chunks from %d recordings", len(calib), len(np.unique(train.groups[calib]))
+    )
     start = time.perf_counter()
     tflite = quantize_model(model, train.x[calib], export_cfg)
     conversion_seconds = time.perf_counter() - start
@@ -360,7 +364,11 @@ def _load_split(run: Run, data_dir: str | Path | None) -> tuple[Any, Any, dict[s
                                   val_dir=val_dir)  # fmt: skip
     if list(train.classes) != list(run.labels):
         raise UserError(f"--data {data_dir}: classes {train.classes} differ from the run's labels {run.labels}")
-    return train, val, {"train": f"{data_dir} (training split)", "val": str(val_dir or f"{data_dir} (validation split)")}
+    return (
+        train,
+        val,
+        {"train": f"{data_dir} (training split)", "val": str(val_dir or f"{data_dir} (validation split)")},
+    )
 
 
 def _check_features(model: Any, run: Run, train: Any, source: str) -> None:
@@ -410,7 +418,11 @@ def format_report(report: dict[str, Any]) -> str:
     for kind in ("inputs", "outputs"):
         for item in t[kind]:
             q = item.get("quantization") or item.get("int8_quantization")
-            qtext = f"  scale {q['scale']:.6g}, zero point {q['zero_point']}" if q and not isinstance(q["scale"], list) else ""
+            qtext = (
+                f"  scale {q['scale']:.6g}, zero point {q['zero_point']}"
+                if q and not isinstance(q["scale"], list)
+                else ""
+            )
             lines.append(f"  {kind[:-1]:<17} {item['dtype']} {item['shape']}{qtext}")
     lines.append("  operators         " + ", ".join(f"{name} x{n}" for name, n in t["op_counts"].items()))
     problems = report["audit"]["problems"]

@@ -45,7 +45,9 @@ def output_agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, 
     reference = np.asarray(reference, dtype=np.float64)
     candidate = np.asarray(candidate, dtype=np.float64)
     if reference.shape != candidate.shape or reference.ndim != 2 or not reference.size:
-        raise ValueError(f"score matrices must have the same non-empty (N, C) shape, got {reference.shape} and {candidate.shape}")
+        raise ValueError(
+            f"score matrices must have the same non-empty (N, C) shape, got {reference.shape} and {candidate.shape}"
+        )
     norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
     dots = np.sum(reference * candidate, axis=1)
     both_zero = (np.linalg.norm(reference, axis=1) == 0) & (np.linalg.norm(candidate, axis=1) == 0)
@@ -134,9 +136,8 @@ def check_fidelity(report: dict[str, Any], export_cfg: ExportConfig) -> list[str
     if report["cosine_mean"] < export_cfg.min_cosine:
         failures.append(f"cosine similarity {report['cosine_mean']:.4f} < export.min_cosine {export_cfg.min_cosine}")
     if report["top1_agreement"] < export_cfg.min_top1_agreement:
-        failures.append(
-            f"top-1 agreement {report['top1_agreement']:.4f} < export.min_top1_agreement {export_cfg.min_top1_agreement}"
-        )
+        limit = export_cfg.min_top1_agreement
+        failures.append(f"top-1 agreement {report['top1_agreement']:.4f} < export.min_top1_agreement {limit}")
     drop = report["metrics"]["accuracy"]["diff"]
     if drop is not None and -drop > export_cfg.max_accuracy_drop:
         failures.append(f"accuracy drop {-drop:.4f} > export.max_accuracy_drop {export_cfg.max_accuracy_drop}")

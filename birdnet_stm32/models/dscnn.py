@@ -1,7 +1,8 @@
 """The DS-CNN classifier: in-graph frontend, depthwise-separable stages and a dense head.
 
-Layout for a ``(64, 256, 1)`` input (frequency x frames x 1) at ``alpha=1.0``, ``depth=2``::
+Layout for a ``(64, 256, 1)`` input (frequency x frames x 1) at ``alpha=1.0``, ``depth=2``:
 
+```text
     frontend   [MelProjection]  ->  [PWLCompression]                       64 x 256 x 1
     stem       Conv 3x3 /2, 16 ch, BN, ReLU6                                32 x 128 x 16
     stage 1    block /2 -> 24 ch, then depth-1 stride-1 blocks              16 x  64 x 24
@@ -9,6 +10,7 @@ Layout for a ``(64, 256, 1)`` input (frequency x frames x 1) at ``alpha=1.0``, `
     stage 3    block /2 -> 48 ch, ...                                        4 x  16 x 48
     stage 4    block /2 -> 96 ch, ...                                        2 x   8 x 96
     head       global average pool, dropout, dense, softmax | sigmoid
+```
 
 That is about 125k parameters and 12 M multiply-accumulates per example (``alpha=0.5``: 37k and
 4.6 M). Once an axis is shorter than 4 the remaining stages keep the resolution, so small inputs work too.
@@ -246,7 +248,9 @@ def _separable(x: Any, channels: int, *, stride: tuple[int, int], se: bool, bn: 
     return _conv_bn(x, channels, bn, f"{prefix}_pw")
 
 
-def _inverted_residual(x: Any, channels: int, *, stride: tuple[int, int], se: bool, bn: dict[str, float], prefix: str) -> Any:
+def _inverted_residual(
+    x: Any, channels: int, *, stride: tuple[int, int], se: bool, bn: dict[str, float], prefix: str
+) -> Any:
     shortcut = x
     in_channels = int(x.shape[-1])
     h = _conv_bn(x, round_channels(in_channels * EXPANSION), bn, f"{prefix}_expand")

@@ -10,21 +10,25 @@ The model input is a host-computed spectrogram laid out as ``(frequency, time, 1
 Both layers lower to int8 TFLite builtins with static shapes: the projection to TRANSPOSE, a 1x1
 CONV_2D and TRANSPOSE; the compression to two 1x1 CONV_2D (the first with a fused RELU6).
 
-Piecewise-linear compression (``pwl``)
---------------------------------------
+## Piecewise-linear compression (``pwl``)
+
 A monotone, concave map of the magnitude ``x >= 0`` with ``K`` segments between fixed breakpoints
 ``0 = t_0 < t_1 < ... < t_K = max_input`` spaced an octave apart (``t_k = max_input * 2**(k - K)``
 for ``k >= 1``). Segment ``k`` has width ``w_k = t_{k+1} - t_k`` and slope ``g_k``; the output is the
-sum of each segment's rise up to ``x``::
+sum of each segment's rise up to ``x``:
 
-    y(x) = sum_k  g_k * clip(x - t_k, 0, w_k)
-         = sum_k  (g_k * w_k / 6) * relu6((6 / w_k) * (x - t_k))
+```text
+y(x) = sum_k  g_k * clip(x - t_k, 0, w_k)
+     = sum_k  (g_k * w_k / 6) * relu6((6 / w_k) * (x - t_k))
+```
 
 so ``y`` is continuous, flat above ``max_input`` (saturation) and linear with slope ``g_k`` inside
 segment ``k``. The slopes are parameterized so that they always decrease and stay positive,
-which makes ``y`` monotone and concave (compressive) whatever the training does::
+which makes ``y`` monotone and concave (compressive) whatever the training does:
 
-    g_{K-1} = softplus(u_{K-1}),   g_k = g_{k+1} + softplus(u_k)
+```text
+g_{K-1} = softplus(u_{K-1}),   g_k = g_{k+1} + softplus(u_k)
+```
 
 Only ``u`` is trained. Why this form quantizes cleanly: every hinge channel ``relu6(...)`` spans
 the same range ``[0, 6]``, so the shared int8 activation scale of the ``K``-channel tensor fits all
@@ -203,7 +207,14 @@ class MelProjection(keras.layers.Layer):
         return (input_shape[0], self.n_mels, input_shape[2], 1)
 
     def macs(self, input_shape: tuple[int | None, ...]) -> int:
-        """Multiply-accumulates of one example: ``n_bins * n_mels * frames``."""
+        """Multiply-accumulates of one example: ``n_bins * n_mels * frames``.
+
+        Args:
+            input_shape: The layer's input shape ``(batch, frequency, frames, 1)``.
+
+        Returns:
+            Multiply-accumulates for one example.
+        """
         return int(self.n_bins * self.n_mels * input_shape[2])
 
     def get_config(self) -> dict[str, Any]:
@@ -275,7 +286,14 @@ class PWLCompression(keras.layers.Layer):
         return tuple(input_shape)
 
     def macs(self, input_shape: tuple[int | None, ...]) -> int:
-        """Multiply-accumulates of one example: two 1x1 convolutions through ``K`` channels."""
+        """Multiply-accumulates of one example: two 1x1 convolutions through ``K`` channels.
+
+        Args:
+            input_shape: The layer's input shape ``(batch, frequency, frames, 1)``.
+
+        Returns:
+            Multiply-accumulates for one example.
+        """
         return int(2 * self.num_segments * input_shape[1] * input_shape[2])
 
     def get_config(self) -> dict[str, Any]:

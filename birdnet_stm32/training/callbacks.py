@@ -97,7 +97,13 @@ class RunCheckpointer(keras.callbacks.Callback):
         state: Saved state of an interrupted run (from :func:`load_state`) to continue from.
     """
 
-    def __init__(self, run_dir: str | Path, monitor: str = "val_accuracy", patience: int = 10, state=None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        monitor: str = "val_accuracy",
+        patience: int = 10,
+        state: dict[str, Any] | None = None,
+    ):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.monitor = monitor

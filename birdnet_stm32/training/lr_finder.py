@@ -445,7 +445,14 @@ def find_lr(
             optimizer = _clone_optimizer(model.optimizer if compiled else None, schedule)
             clone.compile(**_compile_kwargs(model if compiled else None, optimizer, loss_fn, spe))
         finder = LRFinder(min_lr, max_lr, num_steps, smoothing=smoothing, progress=progress)
-        clone.fit(dataset, epochs=1, steps_per_epoch=2 * num_steps + MAX_SKIPPED_IN_A_ROW, verbose=0, callbacks=[finder])
+        clone.fit(
+            dataset,
+            epochs=1,
+            steps_per_epoch=2 * num_steps + MAX_SKIPPED_IN_A_ROW,
+            shuffle=False,
+            verbose=0,
+            callbacks=[finder],
+        )
     result = finder.result(
         metadata={
             "seed": seed,

@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +33,12 @@ from birdnet_stm32.config import DEFAULT_LR, Config
 from birdnet_stm32.errors import UserError
 from birdnet_stm32.run import CONFIG_FILE, LABELS_FILE, MODEL_FILE, save_model_config
 from birdnet_stm32.utils import atomic_write_text, set_global_seed
+
+if TYPE_CHECKING:
+    import keras
+    import tensorflow as tf
+
+    from birdnet_stm32.training.lr_finder import LRFinderResult
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +70,7 @@ class TrainResult:
     interrupted: bool = False
 
 
-def make_strategy(name: str):
+def make_strategy(name: str) -> tf.distribute.Strategy:
     """Return the ``tf.distribute`` strategy for ``--strategy``.
 
     ``auto`` mirrors over all GPUs when there are two or more, else uses the default
@@ -97,7 +103,9 @@ def make_strategy(name: str):
     raise UserError(f"--strategy {name}: choose auto, default, mirrored or multiworker")
 
 
-def make_optimizer(cfg: Config, learning_rate):
+def make_optimizer(
+    cfg: Config, learning_rate: float | keras.optimizers.schedules.LearningRateSchedule
+) -> keras.optimizers.Optimizer:
     """Build the optimizer named by ``train.optimizer`` with the given LR (float or schedule).
 
     Args:
@@ -117,7 +125,7 @@ def make_optimizer(cfg: Config, learning_rate):
     return keras.optimizers.SGD(learning_rate=learning_rate, momentum=t.momentum, nesterov=True)
 
 
-def make_loss(cfg: Config):
+def make_loss(cfg: Config) -> keras.losses.Loss:
     """Cross-entropy for the label mode, with ``train.label_smoothing``.
 
     Args:
@@ -157,7 +165,7 @@ def class_weights(y: np.ndarray) -> np.ndarray:
     return weights
 
 
-def sample_weights(y, weights: np.ndarray):
+def sample_weights(y: Any, weights: np.ndarray) -> Any:
     """Per-example weight: the label-weighted mean of the class weights (1 for "no species" rows).
 
     Applied inside the ``tf.data`` pipeline after mixup, so mixed examples get mixed weights
@@ -229,7 +237,7 @@ def _find_lr(model, cfg: Config, train_ds, run_dir: Path, strategy):
     return result
 
 
-def run_find_lr(cfg: Config, data_dir: str | Path, out_dir: str | Path):
+def run_find_lr(cfg: Config, data_dir: str | Path, out_dir: str | Path) -> LRFinderResult:
     """Run only the LR range test on a dataset with the configured model (``birdnet-stm32 find-lr``).
 
     Args:
