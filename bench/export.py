@@ -81,6 +81,7 @@ def main() -> None:
           f"{summary.get('macs', 0) / 1e6:.1f} M MACs; {f['per-channel']['examples']} validation chunks)")  # fmt: skip
     table = [
         ("top-1 agreement (%)", lambda r, m: f"{100 * r['fidelity']['top1_agreement']:.2f}"),
+        ("  ... on chunks with a species", lambda r, m: f"{100 * r['fidelity']['top1_agreement_labeled']:.2f}"),
         ("accuracy float", lambda r, m: f"{r['fidelity']['metrics']['accuracy']['keras']:.4f}"),
         ("accuracy int8", lambda r, m: f"{r['fidelity']['metrics']['accuracy']['tflite']:.4f}"),
         ("accuracy drop (points)", lambda r, m: f"{-100 * r['fidelity']['metrics']['accuracy']['diff']:.2f}"),

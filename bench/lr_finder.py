@@ -23,6 +23,7 @@ Usage::
     python bench/lr_finder.py                 # everything (~30 min on 2 CPU cores)
     python bench/lr_finder.py --quick         # smoke run: digits only, coarse, 2 seeds (~2 min)
     python bench/lr_finder.py --tasks digits,fsdd --json out.json
+    python bench/lr_finder.py --tasks birds --plot docs/img/lr_finder.png   # the guide's figure
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class Task:
     epochs: int
     optimizer: str = "adamw"
     batch_size: int = 32
-    grid: tuple[float, float] = (-4.5, -0.5)  # log10 LR range of the grid
+    grid: tuple[float, float] = (-4.5, 0.0)  # log10 LR range of the grid
     notes: str = ""
     init_cache: dict = field(default_factory=dict)
 
@@ -102,7 +103,7 @@ def digits_task(optimizer="adamw") -> Task:
     y = keras.utils.to_categorical(d.target, 10).astype("float32")
     order = np.random.default_rng(0).permutation(len(x))
     val, train = order[:360], order[360:]
-    grid = (-4.5, -0.5) if optimizer == "adamw" else (-3.5, 0.5)
+    grid = (-4.5, 0.0) if optimizer == "adamw" else (-3.5, 1.0)
     return Task(f"digits{'_sgd' if optimizer == 'sgd' else ''}", x[train], y[train], x[val], y[val],
                 small_cnn((8, 8, 1), 10), epochs=4, optimizer=optimizer, grid=grid,
                 notes=f"sklearn digits 8x8, 1437 train / 360 val, CNN 16-32, {optimizer}, 4 epochs")  # fmt: skip
@@ -305,7 +306,9 @@ class GridCurve:
     def __init__(self, runs: dict[float, list[dict]]):
         self.lrs = np.array(sorted(runs))
         self.acc = np.array([np.mean([r["acc"] for r in runs[lr]]) for lr in self.lrs])
-        self.loss = np.array([np.mean([r["loss"] if not r["diverged"] else np.nan for r in runs[lr]]) for lr in self.lrs])
+        self.loss = np.array(
+            [np.mean([r["loss"] if not r["diverged"] else np.nan for r in runs[lr]]) for lr in self.lrs]
+        )
         self.diverged = np.array([any(r["diverged"] for r in runs[lr]) for lr in self.lrs])
         self.best = int(np.argmax(self.acc))
 
@@ -410,20 +413,29 @@ def run_task(task: Task, args) -> dict[str, Any]:
             "mean_acc_regret": float(np.mean(regrets_)) if regrets_ else None,
             "worst_acc_regret": float(np.max(regrets_)) if regrets_ else None,
             "mean_loss_regret": float(np.mean([r["loss_regret"] for r in ok_rows])) if ok_rows else None,
-            "catastrophic": sum(1 for r in rows if r.get("failed") or r[key] > 10 or r.get("diverged")
-                                or r.get("trained_diverged")),  # fmt: skip
+            "catastrophic": sum(
+                1 for r in rows if r.get("failed") or r[key] > 10 or r.get("diverged") or r.get("trained_diverged")
+            ),  # fmt: skip
             "spread_std_decades": float(np.std(log_lrs)),
             "spread_range_decades": float(np.ptp(log_lrs)),
         }
 
     # Cost.
     epoch_s = trainer.epoch_time()
-    overhead = step_overhead(task, trainer)
+    overhead = step_overhead(task)
     out = {
         "task": task.name,
         "notes": task.notes,
-        "grid": {s: {"lrs": c.lrs.tolist(), "acc": c.acc.tolist(), "loss": c.loss.tolist(), "best_lr": c.best_lr,
-                     "best_acc": float(c.acc[c.best])} for s, c in curves.items()},  # fmt: skip
+        "grid": {
+            s: {
+                "lrs": c.lrs.tolist(),
+                "acc": c.acc.tolist(),
+                "loss": c.loss.tolist(),
+                "best_lr": c.best_lr,
+                "best_acc": float(c.acc[c.best]),
+            }
+            for s, c in curves.items()
+        },  # fmt: skip
         "cosine_over_constant": curves["cosine"].best_lr / curves["constant"].best_lr,
         "sweeps": [r.to_dict() for r in sweeps],
         "seed_rule": baseline,
@@ -443,11 +455,16 @@ def run_task(task: Task, args) -> dict[str, Any]:
     return out
 
 
-def step_overhead(task: Task, trainer: Trainer, steps: int = 120, repeats: int = 3) -> dict[str, float]:
-    """Median per-step time of plain ``fit`` vs ``fit`` with the LRFinder callback on the same compiled model."""
+def step_overhead(task: Task, steps: int = 150, repeats: int = 5) -> dict[str, float]:
+    """Median per-step time of plain ``fit`` vs ``fit`` with the LRFinder callback, as ``find_lr`` runs it.
+
+    The same compiled model (optimizer LR given as a schedule, like the sweep's clone) alternates between a plain
+    ``fit`` and a ``fit`` with the callback; the first steps after each (re)trace are skipped.
+    """
     import keras
 
     from birdnet_stm32.training.lr_finder import LRFinder
+    from birdnet_stm32.training.schedules import Constant
 
     class StepTimer(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
@@ -456,23 +473,26 @@ def step_overhead(task: Task, trainer: Trainer, steps: int = 120, repeats: int =
         def on_train_batch_end(self, batch, logs=None):
             self.times.append(time.perf_counter())
 
+    model = task.build(0)
+    model.compile(optimizer=make_optimizer(task.optimizer, Constant(1e-11)), loss="categorical_crossentropy")
     ds = train_dataset(task, 0)
     plain, swept = [], []
     for _ in range(repeats):
         for with_finder in (False, True):
-            trainer.reset(0)
             timer = StepTimer()
-            callbacks = [timer]
-            if with_finder:  # a range far too low to diverge: the sweep runs every step
-                callbacks.insert(0, LRFinder(1e-12, 1e-11, num_steps=steps + 10, progress=False))
-            else:
-                trainer.assign.curve, trainer.assign.step = np.full(steps + 10, 1e-11), 0
-                callbacks.insert(0, trainer.assign)
-            trainer.model.fit(ds, epochs=1, steps_per_epoch=steps, callbacks=callbacks, verbose=0, shuffle=False)
-            step_times = np.diff(timer.times)[5:]  # skip tracing and warm-up
-            (swept if with_finder else plain).append(float(np.median(step_times)))
+            # A range far too low to diverge: the sweep runs every step.
+            callbacks = (
+                [LRFinder(1e-12, 1e-11, num_steps=steps + 10, progress=False), timer] if with_finder else [timer]
+            )
+            model.fit(ds, epochs=1, steps_per_epoch=steps, callbacks=callbacks, verbose=0, shuffle=False)
+            (swept if with_finder else plain).append(float(np.median(np.diff(timer.times)[10:])))
     p, s = float(np.median(plain)), float(np.median(swept))
-    return {"plain_step_ms": 1000 * p, "finder_step_ms": 1000 * s, "overhead_pct": 100 * (s / p - 1)}
+    return {
+        "plain_step_ms": 1000 * p,
+        "finder_step_ms": 1000 * s,
+        "overhead_pct": 100 * (s / p - 1),
+        "overhead_runs_pct": [round(100 * (b / a - 1), 1) for a, b in zip(plain, swept, strict=True)],
+    }
 
 
 def print_task(out: dict[str, Any]) -> None:
@@ -484,7 +504,8 @@ def print_task(out: dict[str, Any]) -> None:
     print(f"[{name}] {'pick':14s} {'median lr':>10s} {'mean regret':>12s} {'worst':>7s} {'loss regret':>12s} "
           f"{'catastr.':>9s} {'spread std/range (dec)':>24s}")  # fmt: skip
     for pick, s in out["scored"].items():
-        print(f"[{name}] {pick:14s} {s['median_lr']:10.2e} {_n(s['mean_acc_regret']):>12s} {_n(s['worst_acc_regret']):>7s} "
+        print(f"[{name}] {pick:14s} {s['median_lr']:10.2e} {_n(s['mean_acc_regret']):>12s} "
+              f"{_n(s['worst_acc_regret']):>7s} "
               f"{_n(s['mean_loss_regret'], 3):>12s} {s['catastrophic']:>9d} "
               f"{s['spread_std_decades']:>11.2f} / {s['spread_range_decades']:.2f}")  # fmt: skip
     c = out["cost"]
@@ -499,20 +520,28 @@ def summarize(results: list[dict[str, Any]], smoothings) -> None:
     print("\n=== summary over tasks")
     for smoothing in smoothings:
         for schedule in ("constant", "cosine"):
-            print(f"rule table (smoothing {smoothing}, {schedule}): mean accuracy regret in points, "
-                  "averaged over tasks, per multiplier of the rule's LR")
+            print(
+                f"rule table (smoothing {smoothing}, {schedule}): mean accuracy regret in points, "
+                "averaged over tasks, per multiplier of the rule's LR"
+            )
             for rule in RULES:
                 cells = []
                 for k in range(-4, 9):
                     m = 10 ** (k / 4)
-                    vals = [r["rule_table"][f"{smoothing}|{rule}|{m:.3g}|{schedule}"]["mean_acc_regret"] for r in results]
-                    worst = [r["rule_table"][f"{smoothing}|{rule}|{m:.3g}|{schedule}"]["worst_acc_regret"] for r in results]
+                    vals = [
+                        r["rule_table"][f"{smoothing}|{rule}|{m:.3g}|{schedule}"]["mean_acc_regret"] for r in results
+                    ]
+                    worst = [
+                        r["rule_table"][f"{smoothing}|{rule}|{m:.3g}|{schedule}"]["worst_acc_regret"] for r in results
+                    ]
                     cells.append("  n/a" if None in vals else f"{np.mean(vals):5.1f}/{np.max(worst):<5.1f}")
                 print(f"  {rule:9s} " + " ".join(cells))
             print("  multipliers: " + " ".join(f"{10 ** (k / 4):11.2f}" for k in range(-4, 9)))
     ratios = [r["cosine_over_constant"] for r in results]
-    print(f"grid-best cosine peak / constant LR per task: {', '.join(f'{x:.2f}' for x in ratios)} "
-          f"(geometric mean {math.exp(np.mean(np.log(ratios))):.2f})")
+    print(
+        f"grid-best cosine peak / constant LR per task: {', '.join(f'{x:.2f}' for x in ratios)} "
+        f"(geometric mean {math.exp(np.mean(np.log(ratios))):.2f})"
+    )
 
 
 def _f(x):
@@ -532,6 +561,7 @@ def main(argv=None) -> int:
     parser.add_argument("--per-decade", type=int, default=4)
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="score picks on the grid only")
     parser.add_argument("--json", type=Path, help="write all figures to this JSON file")
+    parser.add_argument("--plot", type=Path, help="only save the plot of one sweep (seed 100) on the first task")
     args = parser.parse_args(argv)
     args.smoothings = (5, 10, 20)
     if args.quick:
@@ -543,6 +573,13 @@ def main(argv=None) -> int:
     print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores; command: python bench/lr_finder.py "
           f"{' '.join(argv if argv is not None else sys.argv[1:])}")  # fmt: skip
     makers = {"digits": digits_task, "digits_sgd": lambda: digits_task("sgd"), "fsdd": fsdd_task, "birds": birds_task}
+    if args.plot:
+        task = makers[args.tasks.split(",")[0]]()
+        result, seconds = sweep_ours(task, 100)
+        result.plot(args.plot)
+        print(result.summary())
+        print(f"{task.notes}; sweep {seconds:.1f} s; plot written to {args.plot}")
+        return 0
     results = []
     for name in args.tasks.split(","):
         task = makers[name]()

@@ -252,6 +252,13 @@ def test_parallel_workers_give_identical_features(tmp_path):
     np.testing.assert_array_equal(parallel.y, serial.y)
 
 
+def test_unusable_cache_folder_is_a_user_error(tmp_path):
+    root = make_dataset(tmp_path / "d", classes=("alpha", "beta"), files_per_class=1)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match="feature cache folder is not writable"):
+        load_features(discover(root), AUDIO, DataConfig(cache_dir=str(tmp_path / "a_file" / "cache")), progress=False)
+
+
 def test_cache_root_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("BIRDNET_STM32_CACHE", str(tmp_path / "env"))
     assert cache_root(DataConfig(cache_dir=str(tmp_path / "cfg"))) == tmp_path / "cfg"
@@ -362,3 +369,16 @@ def test_cli_bad_dataset_exits_with_code_2_and_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.count("\n") == 0 and "need at least two" in err and str(root) in err
+
+
+def test_training_pipeline_distributes_across_replicas():
+    import tensorflow as tf
+
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+    if len(devices) < 2:
+        pytest.skip("needs two logical CPU devices (set up by conftest.py)")
+    strategy = tf.distribute.MirroredStrategy(devices)
+    ds = make_tf_dataset(toy_features(n=16), 8, training=True, data_cfg=DataConfig(), seed=0)
+    x, y = next(iter(strategy.experimental_distribute_dataset(ds)))
+    parts = strategy.experimental_local_results(x)
+    assert len(parts) == 2 and all(tuple(p.shape) == (4, 4, 6, 1) for p in parts)

@@ -134,7 +134,9 @@ def test_loss_weights_of_a_two_output_model_are_kept():
     a = keras.layers.Dense(N_CLASSES, activation="softmax", name="a")(h)
     b = keras.layers.Dense(1, name="b")(h)
     model = keras.Model(inputs, {"a": a, "b": b})
-    model.compile(optimizer="adam", loss={"a": "categorical_crossentropy", "b": "mse"}, loss_weights={"a": 1.0, "b": 0.0})
+    model.compile(
+        optimizer="adam", loss={"a": "categorical_crossentropy", "b": "mse"}, loss_weights={"a": 1.0, "b": 0.0}
+    )
     x, y = make_data(80)
     ds = tf.data.Dataset.from_tensor_slices((x, {"a": y, "b": x[:, :1]})).batch(16)
     result = find_lr(model, ds, **FROZEN)
@@ -274,7 +276,7 @@ def test_callback_in_a_users_fit_with_a_float_lr():
     np.testing.assert_allclose(finder.lrs, sweep_lrs(1e-3, 100.0, 60)[: len(finder.lrs)], rtol=1e-5)
     assert len(finder.losses) == len(finder.lrs) > 20 and finder.stop_reason == "diverged"
     assert "compute_loss" not in vars(model)
-    assert optimizer.learning_rate is not None and float(optimizer.learning_rate) == pytest.approx(finder.lrs[-1])
+    assert float(optimizer.learning_rate) == pytest.approx(0.01)  # the user's LR is put back
     assert finder.suggest_lr() == finder.result().recommended_lr < finder.result().suggestions["divergence"]
 
 

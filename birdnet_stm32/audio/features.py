@@ -274,8 +274,9 @@ def compute_features(chunks: np.ndarray, cfg: AudioConfig) -> np.ndarray:
         cfg: Audio settings.
 
     Returns:
-        Features, shape ``(n_chunks, *input_shape(cfg))``, float32, values in ``[0, ~1.4]``
-        (``[0, 1]`` for ``mag_scale="db"``; a full-scale sine gives about 1.0).
+        Features, shape ``(n_chunks, *input_shape(cfg))``, float32, non-negative; a full-scale sine
+        gives at most 1.0 (``[0, 1]`` always for ``mag_scale="db"``; ``hybrid`` never exceeds
+        ``sqrt(2)``).
 
     Raises:
         ValueError: The chunks do not have ``cfg.chunk_samples`` samples.

@@ -27,6 +27,7 @@ import json
 import logging
 import multiprocessing
 import os
+import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -444,7 +445,8 @@ def _load_arrays(index: DatasetIndex, audio_cfg: AudioConfig, data_cfg: DataConf
     arrays: dict[str, np.ndarray] = {}
     errors: dict[str, str] = {}
     todo: dict[str, Path] = {}
-    for path in index.files:
+    # the bar only appears if reading the cache takes more than 2 s (large datasets)
+    for path in tqdm(index.files, desc="Reading feature cache", unit="file", delay=2, disable=not progress):
         key = str(path)
         try:
             entry = cache_entry(path, audio_cfg, root)
@@ -479,7 +481,7 @@ def _load_arrays(index: DatasetIndex, audio_cfg: AudioConfig, data_cfg: DataConf
 def _check_writable(root: Path) -> None:
     try:
         root.mkdir(parents=True, exist_ok=True)
-        with atomic_path(root / ".write_test"):
+        with tempfile.TemporaryFile(dir=root):
             pass
     except OSError as exc:
         reason = exc.strerror or exc

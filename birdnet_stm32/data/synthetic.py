@@ -6,11 +6,11 @@ invented "species", each with its own call type and frequency band:
 =================  ===============================================  ==============
 folder             call                                             band
 =================  ===============================================  ==============
-rising_whistler    rising whistle (exponential up-sweep)            1.8 - 3.8 kHz
-falling_whistler   falling whistle (exponential down-sweep)         6.2 - 3.4 kHz
+rising_whistler    rising whistle (exponential up-sweep)            2.2 - 4.4 kHz
+falling_whistler   falling whistle (exponential down-sweep)         5.0 - 2.6 kHz
 trilling_wren      trill: 16-24 short down-slurred pulses per s     6.8 - 7.4 kHz
 harmonic_hooter    hoot: harmonic stack on a gliding fundamental    0.65 - 3.3 kHz
-warbling_vireo     warble: fast frequency modulation (8-14 Hz)      3.6 - 5.4 kHz
+warbling_vireo     warble: fast frequency modulation (8-14 Hz)      3.5 - 5.5 kHz
 chirping_sparrow   3-6 quick down-chirps in a row                   9.8 - 8.0 kHz
 noise              background only (no species), optional
 =================  ===============================================  ==============
@@ -19,8 +19,9 @@ Every clip is different: duration, pitch (+-8 %), tempo (+-25 %), call timing an
 are random; the background is a random mix of pink noise, gusty low-frequency wind and
 hiss (plus rain-like clicks in some clips) at a signal-to-noise ratio drawn from
 ``snr_db_range`` (measured over the samples where the species calls); in
-``distractor_prob`` of the clips a quieter call of another species overlaps. Low-SNR
-and overlapped clips are hard; most are easy, so a small model learns the set in minutes.
+``distractor_prob`` of the clips a quieter call of another species overlaps. The two
+whistles share most of their band and differ in direction only. Low-SNR and overlapped
+clips are hard; most are easy, so a small model learns the set in minutes.
 
 Clip ``i`` of class ``k`` is generated from the seed ``(seed, k, i)`` alone, so the same
 settings always give the same bytes. A ``demo_manifest.json`` written last records the
@@ -86,8 +87,8 @@ class DemoDataConfig:
     noise_class: bool = True
     sample_rate: int = 22050
     duration_range: tuple[float, float] = (3.0, 6.0)
-    snr_db_range: tuple[float, float] = (-8.0, 16.0)
-    distractor_prob: float = 0.4
+    snr_db_range: tuple[float, float] = (-6.0, 18.0)
+    distractor_prob: float = 0.35
 
     def validate(self) -> None:
         """Check the settings.
@@ -290,7 +291,7 @@ def make_clip(cfg: DemoDataConfig, class_index: int, clip_index: int) -> np.ndar
         if rng.random() < cfg.distractor_prob:
             other = rng.choice([s for s in SPECIES if s != name])
             distractor = _call_track(rng, other, n, sr, sparse=True)
-            level = _rms(calls[active]) * 10 ** (-rng.uniform(4, 12) / 20)
+            level = _rms(calls[active]) * 10 ** (-rng.uniform(5, 13) / 20)
             clip += distractor * level / max(_rms(distractor[np.abs(distractor) > 1e-3]), 1e-12)
     peak_db = rng.uniform(-20, -3)
     return (clip * 10 ** (peak_db / 20) / np.max(np.abs(clip))).astype(np.float32)

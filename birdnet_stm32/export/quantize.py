@@ -436,13 +436,18 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {name:<16}{_num(m['keras']):>9}{_num(m['tflite']):>9}{_num(m['diff'], signed=True):>9}")
     lines.append(
         f"  cosine {f['cosine_mean']:.4f} (p05 {f['cosine_p05']:.4f}, min {f['cosine_min']:.4f}), "
-        f"top-1 agreement {100 * f['top1_agreement']:.1f} %, max |diff| {f['max_abs_diff']:.4f}"
+        f"top-1 agreement {100 * f['top1_agreement']:.1f} %{_labeled(f)}, max |diff| {f['max_abs_diff']:.4f}"
     )
     if report["passed"]:
         lines.append(f"PASSED: wrote {report['model_path']} and {report['metadata_path']}")
     else:
         lines.append("FAILED: " + "; ".join(report["failures"]) + " (model not written)")
     return "\n".join(lines)
+
+
+def _labeled(fidelity: dict[str, Any]) -> str:
+    value = fidelity.get("top1_agreement_labeled")
+    return "" if value is None else f" ({100 * value:.1f} % on chunks with a species)"
 
 
 def _num(value: float | None, signed: bool = False) -> str:

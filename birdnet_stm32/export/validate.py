@@ -101,7 +101,10 @@ def fidelity_report(
         batch_size: Batch size of the Keras predictions.
 
     Returns:
-        ``{"examples": N, **output_agreement(...), "metrics": task_metrics_side_by_side(...)}``.
+        ``{"examples": N, **output_agreement(...), "top1_agreement_labeled": ..., "metrics":
+        task_metrics_side_by_side(...)}``; ``top1_agreement_labeled`` is the top-1 agreement over the
+        examples that contain a species (on "no species" chunks a softmax has no meaningful top class,
+        so near-ties flip there first), ``None`` without such examples.
 
     Examples:
         >>> report = fidelity_report(model, TFLiteModel(tflite_bytes), val.x, val.y)  # doctest: +SKIP
@@ -110,9 +113,12 @@ def fidelity_report(
     """
     reference = np.asarray(keras_model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64)
     candidate = np.asarray(tflite_model.predict(x, verbose=True), dtype=np.float64)
+    labeled = np.asarray(y).max(axis=1) >= metrics.POSITIVE_THRESHOLD
+    same = np.argmax(reference, axis=1) == np.argmax(candidate, axis=1)
     return {
         "examples": int(len(x)),
         **output_agreement(reference, candidate),
+        "top1_agreement_labeled": float(np.mean(same[labeled])) if labeled.any() else None,
         "metrics": task_metrics_side_by_side(y, reference, candidate),
     }
 

@@ -53,6 +53,9 @@ PACKAGE = "birdnet_stm32"
 #: Default number of PWL segments (also the channel count of the hinge tensor; a multiple of 8).
 PWL_SEGMENTS = 8
 
+#: Knee of the initial PWL curve as a fraction of ``max_input`` (see :func:`pwl_initial_params`).
+PWL_KNEE = 1.0
+
 
 def pwl_breakpoints(max_input: float, num_segments: int = PWL_SEGMENTS) -> np.ndarray:
     """Breakpoints ``t_0 .. t_K`` of the compression: 0, then octaves up to ``max_input``.
@@ -77,11 +80,12 @@ def pwl_breakpoints(max_input: float, num_segments: int = PWL_SEGMENTS) -> np.nd
     return np.concatenate([[0.0], max_input * 2.0 ** (k - num_segments)])
 
 
-def pwl_initial_params(breakpoints: np.ndarray) -> np.ndarray:
-    """Slope parameters ``u`` whose curve is ``log(1 + x / t_1)`` scaled to end at 1.
+def pwl_initial_params(breakpoints: np.ndarray, knee: float = PWL_KNEE) -> np.ndarray:
+    """Slope parameters ``u`` whose curve is ``log(1 + x / (knee * max_input))``, scaled to end at 1.
 
     Args:
-        breakpoints: The ``K + 1`` breakpoints from :func:`pwl_breakpoints`.
+        breakpoints: The ``K + 1`` breakpoints from :func:`pwl_breakpoints` (the last is ``max_input``).
+        knee: Where the curve turns from linear to logarithmic, as a fraction of ``max_input``.
 
     Returns:
         ``K`` unconstrained parameters (inverse softplus of the slope decrements), float64.
@@ -92,7 +96,7 @@ def pwl_initial_params(breakpoints: np.ndarray) -> np.ndarray:
         1.0
     """
     t = np.asarray(breakpoints, dtype=np.float64)
-    target = np.log1p(t / t[1])
+    target = np.log1p(t / (knee * t[-1]))
     target /= target[-1]
     slopes = np.diff(target) / np.diff(t)
     decrements = np.append(slopes[:-1] - slopes[1:], slopes[-1])

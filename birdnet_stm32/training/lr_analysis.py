@@ -20,8 +20,9 @@ the first differences, divided by ``sqrt(2)``), the sweep has diverged at step `
     s[t] - m > max(DIVERGENCE_RISE * D, NOISE_K * sigma / sqrt(N))
 
 i.e. the smoothed loss has climbed back more than half of what it gained, and by far more than its own noise
-(``sigma / sqrt(N)`` is the noise left after smoothing). The first ``max(N, 4)`` steps only warm the filter up:
-a minimum set by the first, barely averaged values would be noise. The rule uses only differences of losses, so it works for
+(``sigma / sqrt(N)`` is the noise left after smoothing). The first ``max(N, 10)`` steps only warm up the filter
+and the noise estimate: a minimum set by the first, barely averaged values, or a noise level measured on a
+handful of steps, would be noise itself. The rule uses only differences of losses, so it works for
 losses near or below zero, where "loss > 4 x best" breaks. A non-finite loss stops the sweep at once.
 
 **Suggestions** (all on the lag-corrected curve, never past the smoothed minimum, never from the diverged or
@@ -128,7 +129,7 @@ number > 0; try min_lr=1e-07
         raise LRFinderError(f"LR finder: num_steps (--num-steps) = {num_steps} must be an integer >= 10; try 200")
     if isinstance(smoothing, bool) or not isinstance(smoothing, (int, np.integer)) or not 1 <= smoothing < num_steps:
         raise LRFinderError(
-            f"LR finder: smoothing = {smoothing} must be an integer between 1 and num_steps - 1 ({num_steps - 1}); try 5"
+            f"LR finder: smoothing = {smoothing} must be an integer from 1 to num_steps - 1 ({num_steps - 1}); try 5"
         )
 
 
@@ -243,7 +244,7 @@ class DivergenceMonitor:
         self._top = -math.inf
         self._best = math.inf
         self._drop = 0.0
-        self._warmup = max(span, 4)
+        self._warmup = max(span, 10)
 
     def update(self, loss: float) -> str | None:
         """Add the loss of the next step.
@@ -268,9 +269,12 @@ class DivergenceMonitor:
         if s < self._best:
             self._best = s
             self._drop = self._top - s
-        margin = self.noise_k * noise_sigma(self._losses) / math.sqrt(self.span)
+        rise = s - self._best
         resolution = 1e-6 * abs(s)  # float32 rounding: a noise-free loss must not "diverge" by one ulp
-        return "diverged" if s - self._best > max(self.rise * self._drop, margin, resolution) else None
+        if rise <= max(self.rise * self._drop, resolution):
+            return None  # decided without estimating the noise (the costly part)
+        margin = self.noise_k * noise_sigma(self._losses) / math.sqrt(self.span)
+        return "diverged" if rise > margin else None
 
 
 def _log_interp(position: np.ndarray | float, lrs: np.ndarray) -> np.ndarray:
@@ -487,7 +491,9 @@ class LRFinderResult:
             writer = csv.writer(f)
             writer.writerow(["step", "lr", "loss", "smoothed_loss", "smoothed_lr"])
             for i, (lr, loss) in enumerate(zip(self.lrs, self.losses, strict=True)):
-                smooth = (f"{self.smoothed[i]:.8g}", f"{self.smoothed_lrs[i]:.8g}") if i < self.smoothed.size else ("", "")
+                smooth = (
+                    (f"{self.smoothed[i]:.8g}", f"{self.smoothed_lrs[i]:.8g}") if i < self.smoothed.size else ("", "")
+                )
                 writer.writerow([i, f"{lr:.8g}", f"{loss:.8g}", *smooth])
         atomic_write_text(paths["json"], json.dumps(self.to_dict(), indent=2, default=_jsonable) + "\n")
         self.plot(paths["png"])
@@ -515,7 +521,9 @@ class LRFinderResult:
             lines.append(f"  {name:<11} {_fmt(lr):>9}   {notes[name]}")
         if self.ok:
             lines.append(f"  recommended constant LR      {_fmt(self.recommended_lr)}   (--schedule constant)")
-            lines.append(f"  recommended schedule peak LR {_fmt(self.recommended_peak_lr)}   (--schedule cosine|onecycle)")
+            lines.append(
+                f"  recommended schedule peak LR {_fmt(self.recommended_peak_lr)}   (--schedule cosine|onecycle)"
+            )
         else:
             lines.append(f"  BAD SWEEP: {self.error}")
         lines.extend(f"  warning: {w}" for w in self.warnings)
@@ -658,13 +666,19 @@ def _judge(
     if reason == "ended_early":
         warnings.append(f"the sweep ended after {lrs.size} of {planned} steps (the data ran out?)")
     if reason == "loss_scale_stall":
-        warnings.append("mixed precision: the loss scale kept skipping steps; the sweep stopped at the last applied step")
+        warnings.append(
+            "mixed precision: the loss scale kept skipping steps; the sweep stopped at the last applied step"
+        )
     if n_finite < MIN_POINTS:
-        where = f" (the loss {_reason_text(reason)} at lr {_fmt(stop_lr)})" if stop_lr is not None else ""
-        high = stop_lr if stop_lr is not None else last
+        if stop_lr is None:
+            return (
+                f"only {n_finite} steps were recorded, need at least {MIN_POINTS}: give the sweep more data "
+                "(or a repeating dataset)",
+                warnings,
+            )
         return (
-            f"only {n_finite} finite steps before the sweep stopped{where}, need at least {MIN_POINTS}: "
-            f"the range is too high; try min_lr={high / 1e5:.0e}, max_lr={high:.0e}",
+            f"only {n_finite} finite steps before the loss {_reason_text(reason)} at lr {_fmt(stop_lr)}, need at "
+            f"least {MIN_POINTS}: the range is too high; try min_lr={stop_lr / 1e5:.0e}, max_lr={stop_lr:.0e}",
             warnings,
         )
     if reason in ("diverged", "non_finite") and stop is not None and stop < EARLY_FRACTION * planned:

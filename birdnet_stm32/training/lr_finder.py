@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 
 #: Consecutive skipped loss-scale steps after which the sweep stops (the loss itself is no longer finite).
 MAX_SKIPPED_IN_A_ROW = 30
+#: With a schedule-driven LR the callback reads the recorded steps every this many steps (a device read costs
+#: ~0.1 ms, a lot next to a tiny model's step); stopping is then at most this many steps late, which only records
+#: a few more steps past the stop point (they are not used).
+READ_EVERY = 4
 
 
 class _SweepSchedule(keras.optimizers.schedules.LearningRateSchedule):
@@ -73,9 +77,11 @@ class _SweepSchedule(keras.optimizers.schedules.LearningRateSchedule):
 class _LossRecorder:
     """Writes loss, batch size and LR of every optimizer step into a buffer, inside the compiled train step.
 
-    Row ``i`` of the buffer belongs to optimizer step ``start + i`` and holds ``(loss * batch, batch, lr * batch)``
-    summed over replicas; the global batch loss is ``row[0] / row[1]``. A step that the loss-scale optimizer skips
-    does not advance ``iterations``, so the next step overwrites its row.
+    Row ``i < capacity`` belongs to optimizer step ``start + i`` and holds ``(loss * batch, batch, lr * batch)``
+    summed over replicas, so the global batch loss is ``row[0] / row[1]``; row ``capacity`` takes the steps past
+    the end. The last row holds ``(i, batches run, 0)`` per replica: the row of the latest step and a batch
+    counter, so one read of one variable tells the callback everything. A step that the loss-scale optimizer skips
+    does not advance ``iterations``; the next step overwrites its row, so rows below the latest one are final.
     """
 
     def __init__(self, model: keras.Model, capacity: int, start: int):
@@ -89,8 +95,7 @@ class _LossRecorder:
             "aggregation": tf.VariableAggregation.SUM,
         }
         with model.distribute_strategy.scope():
-            self.buffer = tf.Variable(tf.zeros([capacity + 1, 3]), name="lr_finder_buffer", **sync)
-            self.batches = tf.Variable(0.0, name="lr_finder_batches", **sync)
+            self.buffer = tf.Variable(tf.zeros([capacity + 2, 3]), name="lr_finder_buffer", **sync)
         original = model.compute_loss
         takes_training = "training" in inspect.signature(original).parameters
 
@@ -113,15 +118,20 @@ class _LossRecorder:
         local_loss = tf.cast(loss, tf.float32) * float(tf.distribute.get_strategy().num_replicas_in_sync)
         lr = tf.cast(optimizer.learning_rate, tf.float32)
         row = tf.clip_by_value(tf.cast(optimizer.iterations, tf.int64) - self.start, 0, self.capacity)
-        values = tf.stack([local_loss * batch, batch, lr * batch])
-        self.buffer.assign(tf.tensor_scatter_nd_update(self.buffer, [[row]], [values]))
-        self.batches.assign_add(1.0)
+        status = tf.stack([tf.cast(row, tf.float32), self.buffer[self.capacity + 1, 1] + 1.0, 0.0])
+        values = tf.stack([tf.stack([local_loss * batch, batch, lr * batch]), status])
+        indices = tf.stack([row, tf.constant(self.capacity + 1, tf.int64)])[:, None]
+        self.buffer.assign(tf.tensor_scatter_nd_update(self.buffer, indices, values))
 
     def read(self) -> tuple[int, int, np.ndarray]:
-        """Return ``(applied_steps, batches_seen, buffer)`` (buffer rows summed over replicas)."""
-        applied = int(self.model.optimizer.iterations.numpy()) - self.start
-        batches = int(round(float(self.batches.numpy()) / self.replicas))
-        return applied, batches, self.buffer.numpy()
+        """Return ``(latest_row, batches_run, buffer)``; rows below ``latest_row`` are final."""
+        buffer = self.buffer.numpy()
+        latest, batches = buffer[self.capacity + 1, :2] / self.replicas
+        return int(round(latest)), int(round(batches)), buffer
+
+    def applied_steps(self) -> int:
+        """Optimizer steps applied since the start (one more device read)."""
+        return int(self.model.optimizer.iterations.numpy()) - self.start
 
     def remove(self) -> None:
         """Give the model its own ``compute_loss`` back."""
@@ -190,8 +200,11 @@ class LRFinder(keras.callbacks.Callback):
         self._recorder: _LossRecorder | None = None
         self._assign_lr = False
         self._original_lr: Any = None
-        self._applied = 0
+        self._loss_scaled = False
+        self._next_row = 0
+        self._latest = 0
         self._batches_at_progress = 0
+        self._unread = 0
         self._monitor = DivergenceMonitor(smoothing)
         self._bar: Any = None
         self._t0 = 0.0
@@ -209,11 +222,13 @@ class LRFinder(keras.callbacks.Callback):
         if optimizer is None:
             raise LRFinderError("LRFinder: the model has no optimizer; compile it first (or use find_lr())")
         self.lrs, self.losses, self.batch_sizes = [], [], []
-        self.stop_reason, self.skipped_steps, self._applied, self._batches_at_progress = None, 0, 0, 0
+        self.stop_reason, self.skipped_steps = None, 0
+        self._next_row, self._latest, self._batches_at_progress, self._unread = 0, 0, 0, 0
         self._monitor = DivergenceMonitor(self.smoothing)
         start = int(optimizer.iterations.numpy())
+        self._loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
         self._assign_lr = isinstance(optimizer.learning_rate, keras.Variable)
-        self._original_lr = None
+        self._original_lr = float(optimizer.learning_rate.numpy()) if self._assign_lr else None
         if not self._assign_lr:
             current = _inner_optimizer(optimizer)._learning_rate  # the schedule object; no public getter
             if not isinstance(current, _SweepSchedule):
@@ -236,7 +251,9 @@ class LRFinder(keras.callbacks.Callback):
             logs: Unused.
         """
         if self._assign_lr:
-            self.model.optimizer.learning_rate = float(self._schedule[min(self._applied, self.num_steps - 1)])
+            # Without a loss-scale optimizer no step is skipped, so the next row follows the latest one.
+            row = self._recorder.applied_steps() if self._loss_scaled else self._next_row
+            self.model.optimizer.learning_rate = float(self._schedule[min(row, self.num_steps - 1)])
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         """Record LR and loss of the steps just run, apply the divergence rule, stop when done.
@@ -248,9 +265,49 @@ class LRFinder(keras.callbacks.Callback):
         Raises:
             LRFinderError: The model's ``train_step`` does not call ``compute_loss``, so no loss was recorded.
         """
-        applied, batches, buffer = self._recorder.read()
-        new = 0
-        for i in range(len(self.losses), min(applied, self.num_steps)):
+        self._unread += self.model.steps_per_execution
+        if not self._assign_lr and self._unread < READ_EVERY:
+            return
+        self._unread = 0
+        latest, batches, buffer = self._recorder.read()
+        self._next_row = latest + 1
+        self._consume(buffer, latest)
+        if latest > self._latest:
+            self._latest, self._batches_at_progress = latest, batches
+        if self.stop_reason is None and batches - self._batches_at_progress > MAX_SKIPPED_IN_A_ROW:
+            self.stop_reason = "loss_scale_stall"
+        if self.stop_reason is None and latest >= self.num_steps:
+            self.stop_reason = "completed"
+        if self.stop_reason is not None:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        """Record the last step, remove the sweep and restore the optimizer's LR and the model's ``compute_loss``.
+
+        Args:
+            logs: Unused.
+        """
+        self.wall_time = time.perf_counter() - self._t0
+        applied = self._recorder.applied_steps()
+        _, batches, buffer = self._recorder.read()
+        self._consume(buffer, applied)
+        self.skipped_steps = batches - applied
+        if self.stop_reason is None:
+            self.stop_reason = "completed" if applied >= self.num_steps else "ended_early"
+        self._recorder.remove()
+        self._recorder = None
+        if self._original_lr is not None:  # a float for an LR variable, else the user's schedule
+            self.model.optimizer.learning_rate = self._original_lr
+            self._original_lr = None
+        self.model.make_train_function(force=True)
+        self._bar.close()
+
+    def _consume(self, buffer: np.ndarray, final_rows: int) -> None:
+        """Take the final rows not seen yet, feed the divergence rule and the progress bar."""
+        if self.stop_reason in ("diverged", "non_finite"):
+            return
+        first = len(self.losses)
+        for i in range(first, min(final_rows, self.num_steps)):
             weight = float(buffer[i, 1])
             if weight <= 0:
                 raise LRFinderError(
@@ -261,45 +318,14 @@ class LRFinder(keras.callbacks.Callback):
             self.lrs.append(float(buffer[i, 2]) / weight)
             self.losses.append(loss)
             self.batch_sizes.append(weight)
-            new += 1
             reason = self._monitor.update(loss)
             if reason:
                 self.stop_reason = reason
                 break
-        if applied > self._applied:
-            self._batches_at_progress = batches
-        self._applied = applied
-        self.skipped_steps = batches - applied
-        if self.stop_reason is None and batches - self._batches_at_progress >= MAX_SKIPPED_IN_A_ROW:
-            self.stop_reason = "loss_scale_stall"
-        if self.stop_reason is None and applied >= self.num_steps:
-            self.stop_reason = "completed"
-        if self.stop_reason is not None:
-            self.model.stop_training = True
-        if self._bar is not None and new:
+        if len(self.losses) > first and not self._bar.disable:
             smoothed = self._monitor.smoothed[-1] if self._monitor.smoothed else float("nan")
             self._bar.set_postfix_str(f"lr={self.lrs[-1]:.2e} loss={smoothed:.4g}", refresh=False)
-            self._bar.update(new)
-
-    def on_train_end(self, logs: dict | None = None) -> None:
-        """Remove the sweep: restore the optimizer's learning rate and the model's ``compute_loss``.
-
-        Args:
-            logs: Unused.
-        """
-        self.wall_time = time.perf_counter() - self._t0
-        if self._recorder is not None:
-            self._recorder.remove()
-            self._recorder = None
-        if self._original_lr is not None:
-            self.model.optimizer.learning_rate = self._original_lr
-            self._original_lr = None
-        self.model.make_train_function(force=True)
-        if self.stop_reason is None:
-            self.stop_reason = "ended_early"
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+            self._bar.update(len(self.losses) - first)
 
     def result(self, smoothing: int | None = None, metadata: dict[str, Any] | None = None) -> LRFinderResult:
         """Analyse the recorded sweep.
@@ -469,7 +495,9 @@ def find_lr(
     )
     result.warnings.extend(extra_warnings)
     if result.ok:
-        log.info("LR finder: constant LR %.3g, schedule peak LR %.3g", result.recommended_lr, result.recommended_peak_lr)
+        log.info(
+            "LR finder: constant LR %.3g, schedule peak LR %.3g", result.recommended_lr, result.recommended_peak_lr
+        )
     else:
         log.warning("LR finder: bad sweep: %s", result.error)
     return result
@@ -590,7 +618,9 @@ def _as_dataset(data: Any, model: keras.Model, batch_size: int, seed: int | None
         arrays = tuple(np.asarray(a) for a in data)
         n = len(arrays[0])
         if n == 0 or any(len(a) != n for a in arrays):
-            raise LRFinderError(f"find_lr: data arrays must be non-empty and of equal length, got {[len(a) for a in arrays]}")
+            raise LRFinderError(
+                f"find_lr: data arrays must be non-empty and of equal length, got {[len(a) for a in arrays]}"
+            )
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise LRFinderError(f"find_lr: batch_size (--batch-size) = {batch_size} must be an integer >= 1")
         ds = tf.data.Dataset.from_tensor_slices(arrays)
