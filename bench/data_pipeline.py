@@ -40,17 +40,20 @@ def extraction(index, audio_cfg, workers: int, cache_dir: Path) -> tuple[float, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="dataset root (default: generate the demo dataset)")
-    parser.add_argument("--files", type=int, default=140, help="recordings used for the extraction timing")
-    parser.add_argument("--steps", type=int, default=10, help="training steps per timed round")
+    parser.add_argument("--files", type=int, default=350, help="recordings used for the extraction timing")
+    parser.add_argument("--steps", type=int, default=20, help="training steps per timed round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds per variant")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
+        run(args, Path(tmp))
 
+
+def run(args: argparse.Namespace, tmp: Path) -> None:
     from birdnet_stm32.config import AudioConfig, DataConfig, ModelConfig
     from birdnet_stm32.data.dataset import discover, load_features
     from birdnet_stm32.data.synthetic import make_demo_dataset
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
     data_dir = args.data
     if data_dir is None:
         data_dir = tmp / "demo"
@@ -90,12 +93,14 @@ def main() -> None:
     for _ in range(5):
         next(iterator)
     n_batches = 60
-    t0 = time.perf_counter()
+    c0, t0 = os.times(), time.perf_counter()
     for _ in range(n_batches):
         next(iterator)
-    per_batch = (time.perf_counter() - t0) / n_batches
+    c1, t1 = os.times(), time.perf_counter()
+    per_batch = (t1 - t0) / n_batches
+    per_batch_cpu = (c1.user + c1.system - c0.user - c0.system) / n_batches
     print(f"\n[3] training tf.data pipeline alone (gather + gain + mixup + masks, batch {batch}): "
-          f"{per_batch * 1000:.1f} ms/batch")  # fmt: skip
+          f"{per_batch * 1000:.1f} ms/batch wall, {per_batch_cpu * 1000:.1f} ms/batch CPU")  # fmt: skip
 
     from birdnet_stm32.models import build_model
 
@@ -103,25 +108,36 @@ def main() -> None:
     model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="categorical_crossentropy")
     warnings.filterwarnings("ignore", message=".*shuffle=True.*")
     x0, y0 = next(iterator)
+    del iterator  # an idle iterator keeps its prefetch threads
     constant = tf.data.Dataset.from_tensors((x0, y0)).repeat()
     model.fit(constant, steps_per_epoch=2, epochs=1, verbose=0)  # build + trace
     model.fit(ds, steps_per_epoch=2, epochs=1, verbose=0)
 
-    def timed(dataset) -> float:
-        t = time.perf_counter()
+    def timed(dataset) -> tuple[float, float]:
+        """Wall-clock and process CPU seconds per step (CPU time is robust to other processes' load)."""
+        c0, t0 = os.times(), time.perf_counter()
         model.fit(dataset, steps_per_epoch=args.steps, epochs=1, verbose=0)
-        return (time.perf_counter() - t) / args.steps
+        c1, t1 = os.times(), time.perf_counter()
+        return (t1 - t0) / args.steps, (c1.user + c1.system - c0.user - c0.system) / args.steps
 
     # alternate the two variants so a change in machine load hits both alike; report medians
-    rounds = [(timed(constant), timed(ds)) for _ in range(args.rounds)]
-    with_constant = statistics.median(r[0] for r in rounds)
-    with_pipeline = statistics.median(r[1] for r in rounds)
-    overhead = (with_pipeline - with_constant) / with_constant * 100
+    results: dict[str, list[tuple[float, float]]] = {"constant": [], "pipeline": []}
+    for r in range(args.rounds):
+        order = [("constant", constant), ("pipeline", ds)]
+        for name, dataset in order if r % 2 == 0 else order[::-1]:
+            results[name].append(timed(dataset))
+        print(f"    round {r + 1}: " + ", ".join(f"{k} {v[-1][0]:.3f} s/step wall, {v[-1][1]:.3f} s/step CPU"
+                                                 for k, v in results.items()))  # fmt: skip
+    wall = {k: statistics.median(w for w, _ in v) for k, v in results.items()}
+    cpu = {k: statistics.median(c for _, c in v) for k, v in results.items()}
     print(f"\n[4] default model ({model.count_params():,} params, input {tuple(model.input_shape[1:])}), "
           f"batch {batch}, {args.rounds} alternating rounds of {args.steps} steps, medians:")  # fmt: skip
-    print(f"    step with a constant batch:       {with_constant:.3f} s")
-    print(f"    step fed by the tf.data pipeline: {with_pipeline:.3f} s  -> data loading adds {overhead:+.1f} %")
-    print(f"    pipeline alone / step time:       {per_batch / with_constant * 100:.1f} %")
+    for name in ("constant", "pipeline"):
+        print(f"    {name:9s} batches: {wall[name]:.3f} s/step wall, {cpu[name]:.3f} s/step CPU")
+    print(f"    data loading adds {(wall['pipeline'] / wall['constant'] - 1) * 100:+.1f} % wall time, "
+          f"{(cpu['pipeline'] / cpu['constant'] - 1) * 100:+.1f} % CPU time per step")  # fmt: skip
+    print(f"    pipeline alone ([3]) / constant step: {per_batch / wall['constant'] * 100:.1f} % wall, "
+          f"{per_batch_cpu / cpu['constant'] * 100:.1f} % CPU")  # fmt: skip
 
 
 def _duration(path: Path) -> float:

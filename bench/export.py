@@ -7,6 +7,7 @@ For each weight-quantization scheme it runs the real exporter (:func:`birdnet_st
 into a temporary folder and prints: top-1 agreement (target >= 99 %), accuracy of the float and the int8 model
 and the drop (target <= 1 point), cosine similarity, macro ROC-AUC and cmAP drops, file size, peak activation
 estimate, conversion time, host int8 inference time per chunk, and the STM32N6 audit result with the op set.
+Finally it quantizes the default-configuration model (random weights) and prints its audit and op set.
 """
 
 from __future__ import annotations
@@ -47,6 +48,23 @@ def invoke_ms(tflite_path: Path, x: np.ndarray, repeats: int = 50) -> float:
     start = time.perf_counter()
     model.predict(chunk)
     return 1000 * (time.perf_counter() - start) / repeats
+
+
+def default_model_audit() -> None:
+    """Quantize the default-config model (random weights, random calibration) and print its audit."""
+    from birdnet_stm32.config import Config
+    from birdnet_stm32.export.audit import audit_tflite, format_audit
+    from birdnet_stm32.export.quantize import quantize_model
+    from birdnet_stm32.models import build_model, format_summary, model_summary
+
+    cfg = Config()
+    model = build_model(cfg.audio, cfg.model, 10)
+    print(format_summary(model_summary(model)))
+    x = np.random.default_rng(0).random((32, *model.input_shape[1:]), dtype=np.float32)
+    start = time.perf_counter()
+    tflite = quantize_model(model, x, cfg.export)
+    print(f"conversion {time.perf_counter() - start:.1f} s")
+    print(format_audit(audit_tflite(tflite)))
 
 
 def main() -> None:
@@ -101,6 +119,9 @@ def main() -> None:
         print(f"{label:<30}" + "".join(f"{fn(*rows[name]):>14}" for name in ("per-channel", "per-tensor")))
     ops = rows["per-channel"][0]["tflite"]["op_counts"]
     print("op set: " + ", ".join(f"{op} x{n}" for op, n in ops.items()))
+    print()
+    print("Default configuration (frontend hybrid 257x256, alpha 1, depth 2, 10 classes):")
+    default_model_audit()
 
 
 if __name__ == "__main__":

@@ -51,11 +51,39 @@ SWITCH_FLAGS: dict[str, tuple[str, bool]] = {
     "--strict": ("export.strict", True),
 }
 
-TRAIN_FLAGS = ["--epochs", "--batch-size", "--lr", "--schedule", "--optimizer", "--frontend", "--seed",
-               "--strategy", "--sample-rate", "--chunk-duration", "--alpha", "--min-lr", "--max-lr",
-               "--num-steps", "--workers", "--cache-dir"]  # fmt: skip
-FIND_LR_FLAGS = ["--batch-size", "--optimizer", "--frontend", "--seed", "--strategy", "--min-lr", "--max-lr",
-                 "--num-steps", "--sample-rate", "--chunk-duration", "--alpha", "--workers", "--cache-dir"]  # fmt: skip
+TRAIN_FLAGS = [
+    "--epochs",
+    "--batch-size",
+    "--lr",
+    "--schedule",
+    "--optimizer",
+    "--frontend",
+    "--seed",
+    "--strategy",
+    "--sample-rate",
+    "--chunk-duration",
+    "--alpha",
+    "--min-lr",
+    "--max-lr",
+    "--num-steps",
+    "--workers",
+    "--cache-dir",
+]
+FIND_LR_FLAGS = [
+    "--batch-size",
+    "--optimizer",
+    "--frontend",
+    "--seed",
+    "--strategy",
+    "--min-lr",
+    "--max-lr",
+    "--num-steps",
+    "--sample-rate",
+    "--chunk-duration",
+    "--alpha",
+    "--workers",
+    "--cache-dir",
+]
 EXPORT_FLAGS = ["--calibration-samples", "--workers", "--cache-dir"]
 
 
@@ -116,8 +144,14 @@ def _add_setting_flags(parser: argparse.ArgumentParser, flags: Sequence[str]) ->
         path = SETTING_FLAGS[flag]
         default, text, kind = setting_help(path)
         shown = "" if default in ("", 0.0) and kind is not int else f" (default: {default})"
-        group.add_argument(flag, dest=flag, type=kind, default=None, metavar=kind.__name__.upper(),
-                           help=f"{text}{shown}".replace("%", "%%"))  # fmt: skip
+        group.add_argument(
+            flag,
+            dest=flag,
+            type=kind,
+            default=None,
+            metavar=kind.__name__.upper(),
+            help=f"{text}{shown}".replace("%", "%%"),
+        )
 
 
 def build_config(args: argparse.Namespace) -> Config:
@@ -160,16 +194,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only print warnings, errors and results")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("make-demo-data", help="write a synthetic bird-call dataset in class folders",
-                       description="Write a deterministic synthetic bird-call dataset as WAV files in class folders.")  # fmt: skip
+    p = sub.add_parser(
+        "make-demo-data",
+        help="write a synthetic bird-call dataset in class folders",
+        description="Write a deterministic synthetic bird-call dataset as WAV files in class folders.",
+    )
     p.add_argument("--out", required=True, type=Path, help="output folder (DIR/<species>/*.wav)")
     p.add_argument("--clips-per-class", type=int, default=None, help="recordings per class (default: generator's)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: generator's)")
     p.add_argument("--no-noise-class", action="store_true", help="do not write the noise-only class")
     p.set_defaults(handler=_cmd_make_demo_data)
 
-    p = sub.add_parser("find-lr", help="run the LR range test only",
-                       description="Run the learning-rate range test on a dataset with the configured model.")  # fmt: skip
+    p = sub.add_parser(
+        "find-lr",
+        help="run the LR range test only",
+        description="Run the learning-rate range test on a dataset with the configured model.",
+    )
     p.add_argument("--data", required=True, type=Path, help="dataset root (DIR/<class>/<audio files>)")
     p.add_argument("--out", required=True, type=Path, help="folder for lr_finder.csv/.json/.png")
     p.add_argument("--config", type=Path, help="YAML config file (e.g. a run's config.yaml)")
@@ -185,24 +225,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(p, ["--find-lr", *TRAIN_FLAGS])
     p.set_defaults(handler=_cmd_train)
 
-    p = sub.add_parser("export", help="quantize a run to int8 TFLite for STM32N6",
-                       description="Full-integer post-training quantization of a run's model.keras.")  # fmt: skip
+    p = sub.add_parser(
+        "export",
+        help="quantize a run to int8 TFLite for STM32N6",
+        description="Full-integer post-training quantization of a run's model.keras.",
+    )
     p.add_argument("--run", required=True, type=Path, help="run folder written by 'train'")
     p.add_argument("--data", type=Path, help="dataset root for calibration/validation (default: the run's)")
     p.add_argument("--out", type=Path, help="output .tflite path (default: RUN/model_int8.tflite)")
+    p.add_argument("--config", type=Path, help="YAML config whose export section applies (default: RUN/config.yaml)")
     _add_setting_flags(p, ["--per-tensor", "--int8-io", "--strict", *EXPORT_FLAGS])
     p.set_defaults(handler=_cmd_export)
 
-    p = sub.add_parser("evaluate", help="metrics for a .keras run or a .tflite file",
-                       description="Chunk- and file-level metrics for a run folder, a .keras or a .tflite model.")  # fmt: skip
+    p = sub.add_parser(
+        "evaluate",
+        help="metrics for a .keras run or a .tflite file",
+        description="Chunk- and file-level metrics for a run folder, a .keras or a .tflite model.",
+    )
     p.add_argument("--model", required=True, type=Path, help="run folder, model.keras or a .tflite file")
     p.add_argument("--data", required=True, type=Path, help="dataset root (DIR/<class>/<audio files>)")
     p.add_argument("--out", type=Path, help="folder for eval_report.json and plots (default: the model's folder)")
     p.add_argument("--batch-size", type=int, default=64, help="inference batch size (default: 64)")
     p.set_defaults(handler=_cmd_evaluate)
 
-    p = sub.add_parser("demo", help="the whole pipeline on built-in synthetic data",
-                       description="Generate demo data, train with --find-lr, export to int8 and evaluate.")  # fmt: skip
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on built-in synthetic data",
+        description="Generate demo data, train with --find-lr, export to int8 and evaluate.",
+    )
     p.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (default: demo_output)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's)")
     p.set_defaults(handler=_cmd_demo)
@@ -245,8 +295,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from birdnet_stm32.export.quantize import export_run
 
-    report = export_run(args.run, build_config(args).export, data_dir=args.data, out_path=args.out,
-                        overrides={k: v for k, v in vars(args).items() if k.startswith("--") and v is not None})  # fmt: skip
+    if args.config is None and (args.run / "config.yaml").is_file():
+        args.config = args.run / "config.yaml"
+    report = export_run(
+        args.run,
+        build_config(args).export,
+        data_dir=args.data,
+        out_path=args.out,
+        overrides={k: v for k, v in vars(args).items() if k.startswith("--") and v is not None},
+    )
     return 0 if report["passed"] else 1
 
 

@@ -50,14 +50,20 @@ def test_pwl_slopes_are_positive_and_non_increasing():
     assert np.all(g > 0) and np.all(np.diff(g) <= 0)
 
 
-def test_pwl_initial_curve_is_log_like_and_ends_at_one():
-    t = pwl_breakpoints(1.0, 8)
-    y = pwl_numpy(t, t, pwl_initial_params(t))
-    target = np.log1p(t / t[1]) / np.log1p(t[-1] / t[1])
-    np.testing.assert_allclose(y, target, atol=1e-6)
-    # every segment (an octave of input) rises by a similar step, so the rises quantize to similar int8 weights
-    rises = np.diff(y)
-    assert rises.max() / rises.min() < 2.0
+@pytest.mark.parametrize("knee", [1.0 / 128, 1.0 / 16, 1.0])
+def test_pwl_initial_curve_is_the_log_curve_through_the_breakpoints(knee):
+    t = pwl_breakpoints(2.0, 8)
+    y = pwl_numpy(t, t, pwl_initial_params(t, knee))
+    np.testing.assert_allclose(y, np.log1p(t / (knee * 2.0)) / np.log1p(1 / knee), atol=1e-6)
+    assert y[-1] == pytest.approx(1.0)
+    if knee == 1.0 / 128:  # knee at the first breakpoint: every octave rises about equally, like decibels
+        assert np.diff(y).max() / np.diff(y).min() < 2.0
+
+
+def test_default_pwl_starts_mildly_compressive():
+    t = pwl_breakpoints(1.0)
+    g = pwl_slopes(pwl_initial_params(t))
+    assert 1.0 < g[0] < 2.0 and 0.5 < g[-1] < 1.0  # slope 1/ln 2 at zero, 1/(2 ln 2) at max_input
 
 
 def test_pwl_breakpoints_validate():

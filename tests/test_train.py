@@ -17,7 +17,7 @@ TINY = {
     "audio": {"sample_rate": SR, "chunk_duration": 0.5, "n_fft": 128, "spec_width": 16, "n_mels": 16,
               "fmin": 100.0, "fmax": 4000.0, "frontend": "mel"},
     "data": {"workers": 1, "val_fraction": 0.34},
-    "model": {"alpha": 0.25, "bn_momentum": 0.9, "se": False},
+    "model": {"alpha": 0.25, "depth": 1, "se": False, "residual": False},
     "train": {"epochs": 2, "batch_size": 8, "patience": 0, "lr_finder": {"num_steps": 30, "min_lr": 1e-4,
               "max_lr": 10.0}},
 }  # fmt: skip

@@ -313,8 +313,8 @@ def format_audit(report: AuditReport) -> str:
     lines.append("  operators: " + ", ".join(f"{name} x{n}" for name, n in report.op_counts.items()))
     for kind, items in report.io_details().items():
         for item in items:
-            q = item["quantization"]
-            qtext = f" scale={q['scale']:.6g} zero_point={q['zero_point']}" if q and "scale" in q else ""
+            q = item["quantization"] or item.get("int8_quantization")
+            qtext = f" (int8 scale={q['scale']:.6g} zero_point={q['zero_point']})" if q else ""
             lines.append(f"  {kind[:-1]}: {item['dtype']} {item['shape']}{qtext}")
     size, peak = report.size_bytes / 1024, report.peak_activation_bytes / 1024
     lines.append(f"  file size {size:.1f} KiB, peak activations ~{peak:.1f} KiB")
