@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/lr_finder.py
 	$(BIN)/python bench/training.py
 	$(BIN)/python bench/export.py
+	$(BIN)/python bench/evaluation.py
 
 clean:
 	rm -rf $(VENV) demo_output site .pytest_cache

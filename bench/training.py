@@ -31,9 +31,9 @@ from birdnet_stm32.demo import demo_config  # noqa: E402
 
 def time_steps(model, dataset, steps: int) -> float:
     """Seconds per step of ``model.fit`` over ``steps`` steps, after one warm-up epoch of 3 steps."""
-    model.fit(dataset, epochs=1, steps_per_epoch=3, verbose=0)
+    model.fit(dataset, epochs=1, steps_per_epoch=3, verbose=0, shuffle=False)
     t0 = time.perf_counter()
-    model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)
+    model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
     return (time.perf_counter() - t0) / steps
 
 
@@ -82,6 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and a 3-point LR grid")
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one)")
+    parser.add_argument("--part", choices=["all", "pipeline", "lr"], default="all", help="which benchmark to run")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_training_"))
     os.environ.setdefault("BIRDNET_STM32_CACHE", str(work / "cache"))
@@ -90,7 +91,14 @@ def main() -> None:
 
     data_dir = work / "data"
     make_demo_dataset(data_dir, DemoDataConfig())
-    steps = 5 if args.quick else 20
+    if args.part in ("all", "pipeline"):
+        pipeline_benchmark(data_dir, steps=5 if args.quick else 20)
+    if args.part in ("all", "lr"):
+        lr_benchmark(data_dir, work, args.quick)
+    print(f"\nmachine: {os.cpu_count()} CPU cores; python {sys.version.split()[0]}; work folder {work}")
+
+
+def pipeline_benchmark(data_dir: Path, steps: int) -> None:
     default = Config()
     default.train.batch_size = 32
     rows = [pipeline_overhead("default model, default input", default, data_dir, steps)]
@@ -101,13 +109,14 @@ def main() -> None:
     for row in rows:
         print("| " + " | ".join(f"{row[k]:.3g}" if isinstance(row[k], float) else str(row[k]) for k in keys) + " |")
 
-    grid = [1e-3, 1e-2, 1e-1] if args.quick else [10**e for e in np.arange(-3.5, -0.49, 0.5)]
-    epochs = 8 if args.quick else demo_config().train.epochs
+
+def lr_benchmark(data_dir: Path, work: Path, quick: bool) -> None:
+    grid = [1e-3, 1e-2, 1e-1] if quick else [10**e for e in np.arange(-3.5, -0.49, 0.5)]
+    epochs = 8 if quick else demo_config().train.epochs
     print(f"\n## --find-lr vs a grid of fixed peak LRs (demo data, {epochs} epochs, cosine schedule, seed 42)")
     print("| run | peak LR | best val accuracy | wall time (s) |\n|---|---|---|---|")
     for name, lr, acc, secs in lr_comparison(data_dir, work, grid, epochs):
         print(f"| {name} | {lr:.3g} | {acc:.3f} | {secs:.0f} |")
-    print(f"\nmachine: {os.cpu_count()} CPU cores; python {sys.version.split()[0]}; work folder {work}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ TINY = {
               "fmin": 100.0, "fmax": 4000.0, "frontend": "mel"},
     "data": {"workers": 1, "val_fraction": 0.34},
     "model": {"alpha": 0.25, "depth": 1, "se": False, "residual": False},
-    "train": {"epochs": 2, "batch_size": 8, "patience": 0, "lr_finder": {"num_steps": 30, "min_lr": 1e-4,
+    "train": {"epochs": 2, "batch_size": 8, "patience": 0, "lr_finder": {"num_steps": 40, "min_lr": 1e-3,
               "max_lr": 10.0}},
 }  # fmt: skip
 

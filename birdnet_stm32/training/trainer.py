@@ -330,8 +330,14 @@ def train(
     weights = class_weights(train_set.y) if cfg.train.class_weights else None
     train_ds = _train_dataset(cfg, train_set, weights)
     strategy = make_strategy(cfg.train.strategy)
-    log.info("Training on %d chunks, validating on %d chunks, %d classes, %d replica(s), %d steps/epoch",
-             len(train_set.y), len(val_set.y), len(labels), strategy.num_replicas_in_sync, steps_per_epoch)  # fmt: skip
+    log.info(
+        "Training on %d chunks, validating on %d chunks, %d classes, %d replica(s), %d steps/epoch",
+        len(train_set.y),
+        len(val_set.y),
+        len(labels),
+        strategy.num_replicas_in_sync,
+        steps_per_epoch,
+    )
 
     with strategy.scope():
         if state is not None:
@@ -343,11 +349,14 @@ def train(
 
     if lr_info is None:
         lr_info = _choose_lr(model, cfg, train_ds, run_dir, strategy)
-        atomic_write_text(run_dir / RUN_ARGS_FILE, json.dumps(
-            {"data_dir": str(data_dir), "val_dir": str(val_dir) if val_dir else None, "lr": lr_info}))  # fmt: skip
+        atomic_write_text(
+            run_dir / RUN_ARGS_FILE,
+            json.dumps({"data_dir": str(data_dir), "val_dir": str(val_dir) if val_dir else None, "lr": lr_info}),
+        )
         with strategy.scope():
-            schedule = build_schedule(cfg.train.schedule, lr_info["peak_lr"], steps_per_epoch, cfg.train.epochs,
-                                      cfg.train.warmup_epochs)  # fmt: skip
+            schedule = build_schedule(
+                cfg.train.schedule, lr_info["peak_lr"], steps_per_epoch, cfg.train.epochs, cfg.train.warmup_epochs
+            )
             _compile(model, cfg, schedule)
     print(f"Learning rate: {cfg.train.schedule} schedule, peak {lr_info['peak_lr']:.3g} ({lr_info['source']})")
     cfg.train.lr = lr_info["peak_lr"]
@@ -361,8 +370,15 @@ def train(
     t0 = time.perf_counter()
     try:
         if initial_epoch < cfg.train.epochs:
-            model.fit(train_ds, epochs=cfg.train.epochs, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
-                      callbacks=callbacks, verbose=1 if log.isEnabledFor(logging.INFO) else 0)  # fmt: skip
+            model.fit(
+                train_ds,
+                epochs=cfg.train.epochs,
+                initial_epoch=initial_epoch,
+                steps_per_epoch=steps_per_epoch,
+                callbacks=callbacks,
+                shuffle=False,  # the tf.data pipeline shuffles itself, seeded
+                verbose=1 if log.isEnabledFor(logging.INFO) else 0,
+            )
     except KeyboardInterrupt:
         interrupted = True
         print(f"\nInterrupted: kept the best model and the last completed epoch; continue with --resume {run_dir}")
@@ -377,8 +393,10 @@ def train(
         history=checkpointer.history,
         interrupted=interrupted,
     )
-    print(f"Best epoch {result.best_epoch}: val accuracy {result.val_accuracy:.3f} -> {run_dir / MODEL_FILE} "
-          f"({len(checkpointer.history)} epochs, {time.perf_counter() - t0:.0f} s)")  # fmt: skip
+    print(
+        f"Best epoch {result.best_epoch}: val accuracy {result.val_accuracy:.3f} -> {run_dir / MODEL_FILE} "
+        f"({len(checkpointer.history)} epochs, {time.perf_counter() - t0:.0f} s)"
+    )
     if interrupted:
         raise KeyboardInterrupt
     return result
@@ -400,12 +418,18 @@ def _choose_lr(model, cfg: Config, train_ds, run_dir: Path, strategy) -> dict[st
     if not result.ok:
         if cfg.train.lr > 0:
             print(f"LR finder failed ({result.error}); falling back to --lr {cfg.train.lr:g}")
-            return {"peak_lr": cfg.train.lr, "source": "--lr fallback after a bad sweep", "found_lr": None,
-                    "finder": _finder_info(result)}  # fmt: skip
+            return {
+                "peak_lr": cfg.train.lr,
+                "source": "--lr fallback after a bad sweep",
+                "found_lr": None,
+                "finder": _finder_info(result),
+            }
         raise UserError(f"--find-lr: {result.error} (or give --lr X as a fallback)")
     found = float(result.lr_for_schedule(cfg.train.schedule))
-    print(f"LR finder: recommended {found:.3g} as the {cfg.train.schedule} schedule's peak "
-          f"(constant-LR recommendation {result.recommended_lr:.3g})")  # fmt: skip
+    print(
+        f"LR finder: recommended {found:.3g} as the {cfg.train.schedule} schedule's peak "
+        f"(constant-LR recommendation {result.recommended_lr:.3g})"
+    )
     return {"peak_lr": found, "source": "--find-lr", "found_lr": found, "finder": _finder_info(result)}
 
 
