@@ -1,16 +1,19 @@
 """Benchmark of the LR finder: regret against a grid search, stability across seeds, and cost.
 
-For every task the learning rate is grid-searched on a fixed short training budget (4 points per decade, 2
-training seeds) for a constant schedule and for the project's warmup + cosine schedule; then the LR range test is
-run with several sweep seeds and every rule's suggestion is scored by its *regret*: validation accuracy (and loss)
-of the grid's best LR minus that of the suggested LR (read off the grid curve, interpolated in log LR). The
-recommended values are also trained for real. The seed implementation's rule (moving average of Keras' running
-mean loss, steepest gradient, Adam recompile) is re-implemented here as the baseline.
+For every task the learning rate is grid-searched on a fixed short training budget (4 points per decade, 2-3
+training seeds) for a constant schedule and for the project's warmup + cosine schedule. Then the LR range test runs
+with 5 sweep seeds, and every suggestion is scored by its *regret*: the grid's best validation accuracy minus the
+accuracy at the suggested LR, in points. The recommended values are trained for real (same training seeds as the
+grid); every rule is also read off the grid curve (interpolated in log LR, after a light 3-point smoothing that
+tames the winner's curse of a noisy grid). The noise floor is the regret of the grid's own best LR re-trained with
+fresh seeds. The seed implementation (moving average of Keras' running-mean loss, steepest gradient, Adam
+recompile) is re-implemented here as the baseline.
 
 Tasks (AdamW, weight decay 1e-4, batch 32 — the project's defaults):
 
 - ``digits``: scikit-learn's 8x8 digits, a small CNN (4 epochs).
-- ``digits_sgd``: the same with SGD + Nesterov momentum 0.9 (the project's ``--optimizer sgd``).
+- ``digits_sgd``: the same with SGD + Nesterov momentum 0.9 (the project's ``--optimizer sgd``); swept up to
+  ``max_lr=10`` as the finder's own warning advises (with the default ``max_lr=1`` the loss is still falling).
 - ``fsdd``: the Free Spoken Digit Dataset from ``../shared/data/fsdd`` (skipped when absent), log-mel + CNN.
 - ``birds``: the project's synthetic bird calls (``birdnet_stm32.data.synthetic``) and its DS-CNN
   (``birdnet_stm32.models``) with a small hybrid frontend.
@@ -20,7 +23,7 @@ Cost: the sweep's wall time against one training epoch, and the callback's per-s
 
 Usage::
 
-    python bench/lr_finder.py                 # everything (~30 min on 2 CPU cores)
+    python bench/lr_finder.py                 # everything (~30-40 min on 2 CPU cores)
     python bench/lr_finder.py --quick         # smoke run: digits only, coarse, 2 seeds (~2 min)
     python bench/lr_finder.py --tasks digits,fsdd --json out.json
     python bench/lr_finder.py --tasks birds --plot docs/img/lr_finder.png   # the guide's figure
@@ -46,7 +49,8 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 FSDD = ROOT.parent / "shared" / "data" / "fsdd"
 CACHE = Path(tempfile.gettempdir()) / "birdnet_stm32_bench"
-RULES = ("valley", "minimum", "steepest")
+RULES = ("valley", "minimum", "steepest", "divergence")
+MULTIPLIER_STEPS = range(-8, 5)  # rule LR x 10**(k/4): 0.01 .. 10
 
 
 @dataclass
@@ -63,6 +67,8 @@ class Task:
     optimizer: str = "adamw"
     batch_size: int = 32
     grid: tuple[float, float] = (-4.5, 0.0)  # log10 LR range of the grid
+    train_seeds: int = 2
+    sweep_max_lr: float = 1.0
     notes: str = ""
     init_cache: dict = field(default_factory=dict)
 
@@ -103,10 +109,12 @@ def digits_task(optimizer="adamw") -> Task:
     y = keras.utils.to_categorical(d.target, 10).astype("float32")
     order = np.random.default_rng(0).permutation(len(x))
     val, train = order[:360], order[360:]
-    grid = (-4.5, 0.0) if optimizer == "adamw" else (-3.5, 1.0)
-    return Task(f"digits{'_sgd' if optimizer == 'sgd' else ''}", x[train], y[train], x[val], y[val],
-                small_cnn((8, 8, 1), 10), epochs=4, optimizer=optimizer, grid=grid,
-                notes=f"sklearn digits 8x8, 1437 train / 360 val, CNN 16-32, {optimizer}, 4 epochs")  # fmt: skip
+    sgd = optimizer == "sgd"
+    return Task(f"digits{'_sgd' if sgd else ''}", x[train], y[train], x[val], y[val], small_cnn((8, 8, 1), 10),
+                epochs=4, optimizer=optimizer, grid=(-3.5, 1.0) if sgd else (-4.5, 0.0), train_seeds=3,
+                sweep_max_lr=10.0 if sgd else 1.0,
+                notes=f"sklearn digits 8x8, 1437 train / 360 val, CNN 16-32, {optimizer}, 4 epochs"
+                      + (", swept to max_lr=10" if sgd else ""))  # fmt: skip
 
 
 def fsdd_task() -> Task | None:
@@ -155,7 +163,7 @@ def birds_task() -> Task:
         "data": {"cache_dir": str(CACHE / "features"), "workers": 2},
     }).validate()  # fmt: skip
     data_dir = CACHE / "demo_birds"
-    print(make_demo_dataset(data_dir, DemoDataConfig(noise_class=False)))
+    print(make_demo_dataset(data_dir, DemoDataConfig(clips_per_class=100, noise_class=False)))
     train, val = prepare_datasets(data_dir, cfg.audio, cfg.data, seed=0)
 
     def build(seed):
@@ -164,9 +172,9 @@ def birds_task() -> Task:
         keras.utils.set_random_seed(seed)
         return build_model(cfg.audio, cfg.model, len(train.classes))
 
-    return Task("birds", train.x, train.y, val.x, val.y, build, epochs=6,
+    return Task("birds", train.x, train.y, val.x, val.y, build, epochs=8, grid=(-4.0, -0.5),
                 notes=f"synthetic birds ({len(train.classes)} species, {len(train)} train / {len(val)} val chunks), "
-                      "project DS-CNN alpha 0.25, hybrid frontend 129x64, adamw, 6 epochs")  # fmt: skip
+                      "project DS-CNN alpha 0.25, hybrid frontend 129x64, adamw, 8 epochs")  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------------------- training
@@ -253,7 +261,7 @@ def sweep_ours(task: Task, seed: int):
     model = task.build(seed)
     model.compile(optimizer=make_optimizer(task.optimizer, 1e-3), loss="categorical_crossentropy", metrics=["accuracy"])
     t0 = time.perf_counter()
-    result = find_lr(model, train_dataset(task, seed), seed=seed, progress=False)
+    result = find_lr(model, train_dataset(task, seed), max_lr=task.sweep_max_lr, seed=seed, progress=False)
     return result, time.perf_counter() - t0
 
 
@@ -292,7 +300,7 @@ def sweep_seed_baseline(task: Task, seed: int) -> float:
 
     model = task.build(seed)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=1e-7), loss="categorical_crossentropy")
-    finder = SeedLRFinder()
+    finder = SeedLRFinder(max_lr=task.sweep_max_lr)
     model.fit(train_dataset(task, seed), epochs=1, steps_per_epoch=200, callbacks=[finder], verbose=0, shuffle=False)
     return finder.suggest_lr()
 
@@ -301,36 +309,36 @@ def sweep_seed_baseline(task: Task, seed: int) -> float:
 
 
 class GridCurve:
-    """Mean validation accuracy and loss over training seeds, per grid LR; interpolated in log LR."""
+    """Mean validation accuracy and loss over training seeds, per grid LR; read in log LR.
+
+    ``smooth`` is the accuracy after a [1/4, 1/2, 1/4] smoothing across neighbouring grid points (a quarter of a
+    decade apart): a lucky seed at one grid point no longer defines "the best".
+    """
 
     def __init__(self, runs: dict[float, list[dict]]):
         self.lrs = np.array(sorted(runs))
-        self.acc = np.array([np.mean([r["acc"] for r in runs[lr]]) for lr in self.lrs])
-        self.loss = np.array(
-            [np.mean([r["loss"] if not r["diverged"] else np.nan for r in runs[lr]]) for lr in self.lrs]
-        )
-        self.diverged = np.array([any(r["diverged"] for r in runs[lr]) for lr in self.lrs])
+        self.acc = 100 * np.array([np.mean([r["acc"] for r in runs[lr]]) for lr in self.lrs])
+        self.smooth = np.convolve(np.pad(self.acc, 1, mode="edge"), [0.25, 0.5, 0.25], mode="valid")
+        losses = [[r["loss"] if not r["diverged"] else np.nan for r in runs[lr]] for lr in self.lrs]
+        self.loss = np.array([np.mean(v) for v in losses])
         self.best = int(np.argmax(self.acc))
 
     @property
     def best_lr(self) -> float:
         return float(self.lrs[self.best])
 
-    def at(self, lr: float) -> tuple[float, float, bool]:
-        """Accuracy, loss and "diverged" at ``lr``; outside the grid, the nearest end (flagged if it diverged)."""
+    def regret(self, lr: float) -> dict[str, Any]:
+        """Accuracy regret (raw and smoothed grid) and loss regret at ``lr``; outside the grid, its nearest end."""
         x = np.log10(self.lrs)
-        q = np.clip(np.log10(lr), x[0], x[-1])
-        acc = float(np.interp(q, x, self.acc))
+        q = float(np.clip(np.log10(lr), x[0], x[-1]))
         loss = float(np.interp(q, x, np.nan_to_num(self.loss, nan=1e3)))
-        right = min(int(np.searchsorted(x, q)), len(x) - 1)
-        return acc, loss, bool(self.diverged[right] and self.diverged[max(right - 1, 0)])
-
-
-def regret(curve: GridCurve, lr: float) -> dict[str, Any]:
-    acc, loss, diverged = curve.at(lr)
-    best_loss = np.nanmin(curve.loss)
-    return {"lr": lr, "acc_regret": 100 * (curve.acc[curve.best] - acc), "loss_regret": loss - best_loss,
-            "diverged": diverged}  # fmt: skip
+        return {
+            "lr": lr,
+            "acc_regret": float(self.acc[self.best] - np.interp(q, x, self.acc)),
+            "smooth_regret": float(self.smooth.max() - np.interp(q, x, self.smooth)),
+            "loss_regret": loss - float(np.nanmin(self.loss)),
+            "outside_grid": not x[0] <= np.log10(lr) <= x[-1],
+        }
 
 
 # ------------------------------------------------------------------------------------------------------------- run
@@ -341,19 +349,21 @@ def run_task(task: Task, args) -> dict[str, Any]:
 
     print(f"\n=== {task.name}: {task.notes}")
     trainer = Trainer(task)
+    seeds = range(min(task.train_seeds, args.train_seeds))
     t0 = time.perf_counter()
     lo, hi = task.grid
     grid_lrs = 10 ** np.arange(lo, hi + 1e-9, 1.0 / args.per_decade)
-    grid = {s: {float(lr): [] for lr in grid_lrs} for s in ("constant", "cosine")}
-    for schedule in grid:
-        for lr in grid_lrs:
-            for seed in range(args.train_seeds):
-                grid[schedule][float(lr)].append(trainer.run(schedule, float(lr), seed))
+    grid = {s: {float(lr): [trainer.run(s, float(lr), seed) for seed in seeds] for lr in grid_lrs}
+            for s in ("constant", "cosine")}  # fmt: skip
     curves = {s: GridCurve(runs) for s, runs in grid.items()}
     grid_time = time.perf_counter() - t0
+    noise_floor = {}
     for s, c in curves.items():
-        print(f"[{task.name}] grid {s:8s}: best lr {c.best_lr:.2e} acc {100 * c.acc[c.best]:.1f}% "
-              f"({len(grid_lrs)} lrs x {args.train_seeds} seeds)")  # fmt: skip
+        rerun = [trainer.run(s, c.best_lr, 1000 + seed) for seed in seeds]  # the grid's best, fresh seeds
+        noise_floor[s] = float(c.acc[c.best] - 100 * np.mean([r["acc"] for r in rerun]))
+        print(f"[{task.name}] grid {s:8s}: best lr {c.best_lr:.2e} acc {c.acc[c.best]:.1f}% (smoothed best "
+              f"{c.smooth.max():.1f}%); re-trained with fresh seeds: {noise_floor[s]:+.1f} points "
+              f"({len(grid_lrs)} lrs x {len(seeds)} seeds)")  # fmt: skip
 
     sweeps, baseline, sweep_times = [], [], []
     for seed in range(args.sweep_seeds):
@@ -361,68 +371,37 @@ def run_task(task: Task, args) -> dict[str, Any]:
         sweeps.append(result)
         sweep_times.append(seconds)
         baseline.append(sweep_seed_baseline(task, 100 + seed))
-        print(f"[{task.name}] sweep seed {seed}: ok={result.ok} stop={result.stop_reason} "
-              f"valley={_f(result.suggestions['valley'])} min/10={_f(result.suggestions['minimum'])} "
-              f"steepest={_f(result.suggestions['steepest'])} div={_f(result.suggestions['divergence'])} "
-              f"| seed rule {baseline[-1]:.2e} ({seconds:.1f} s)")  # fmt: skip
+        s = result.suggestions
+        print(f"[{task.name}] sweep seed {seed}: ok={result.ok} stop={result.stop_reason} valley={_f(s['valley'])} "
+              f"min/10={_f(s['minimum'])} steepest={_f(s['steepest'])} div={_f(s['divergence'])} "
+              f"| seed rule {baseline[-1]:.2e} ({seconds:.1f} s) {'; '.join(result.warnings)}")  # fmt: skip
 
-    # Every rule x multiplier on both grids (interpolated): the table the recommendation is chosen from.
-    multipliers = [10 ** (k / 4) for k in range(-4, 9)]
+    # Every rule x multiplier, read off both (smoothed) grids: how the recommendations were chosen.
     rule_table = {}
     for smoothing in args.smoothings:
         analysed = [LRFinderResult.from_sweep(r.lrs, r.losses, smoothing=smoothing, num_steps=200) for r in sweeps]
         for rule in RULES:
-            for m in multipliers:
+            picks = [a.suggestions[rule] for a in analysed if a.ok and a.suggestions[rule]]
+            for k in MULTIPLIER_STEPS:
                 for s, curve in curves.items():
-                    picks = [a.suggestions[rule] for a in analysed if a.ok and a.suggestions[rule]]
-                    regrets = [regret(curve, p * m) for p in picks]
-                    rule_table[f"{smoothing}|{rule}|{m:.3g}|{s}"] = {
-                        "mean_acc_regret": float(np.mean([r["acc_regret"] for r in regrets])) if regrets else None,
-                        "worst_acc_regret": float(np.max([r["acc_regret"] for r in regrets])) if regrets else None,
-                        "failed": len(analysed) - len(picks),
+                    regrets = [curve.regret(p * 10 ** (k / 4))["smooth_regret"] for p in picks]
+                    rule_table[f"{smoothing}|{rule}|{k}|{s}"] = {
+                        "mean": float(np.mean(regrets)) if regrets else None,
+                        "worst": float(np.max(regrets)) if regrets else None,
+                        "missing": len(analysed) - len(picks),
                     }
 
-    # The recommendations (default smoothing) and the seed's rule: interpolated and trained for real.
+    # The recommendations (trained for real) and the seed's rule (read off the grid).
     picks = {
-        "ours_constant": ("constant", [r.recommended_lr for r in sweeps]),
-        "ours_peak": ("cosine", [r.recommended_peak_lr for r in sweeps]),
-        "seed_constant": ("constant", baseline),
-        "seed_peak": ("cosine", baseline),
+        "ours_constant": ("constant", [r.recommended_lr for r in sweeps], True),
+        "ours_peak": ("cosine", [r.recommended_peak_lr for r in sweeps], True),
+        "seed_constant": ("constant", baseline, False),
+        "seed_peak": ("cosine", baseline, False),
     }
-    scored = {}
-    for name, (schedule, lrs) in picks.items():
-        rows = []
-        for lr in lrs:
-            if lr is None:
-                rows.append({"lr": None, "acc_regret": None, "failed": True})
-                continue
-            row = regret(curves[schedule], lr)
-            if args.verify:
-                real = [trainer.run(schedule, lr, seed) for seed in range(args.train_seeds)]
-                row["trained_acc_regret"] = 100 * (curves[schedule].acc[curves[schedule].best]
-                                                   - np.mean([r["acc"] for r in real]))  # fmt: skip
-                row["trained_diverged"] = any(r["diverged"] for r in real)
-            rows.append(row)
-        ok_rows = [r for r in rows if r.get("lr")]
-        log_lrs = np.log10([r["lr"] for r in ok_rows]) if ok_rows else np.array([np.nan])
-        key = "trained_acc_regret" if args.verify else "acc_regret"
-        regrets_ = [r[key] for r in ok_rows]
-        scored[name] = {
-            "rows": rows,
-            "median_lr": float(10 ** np.median(log_lrs)),
-            "mean_acc_regret": float(np.mean(regrets_)) if regrets_ else None,
-            "worst_acc_regret": float(np.max(regrets_)) if regrets_ else None,
-            "mean_loss_regret": float(np.mean([r["loss_regret"] for r in ok_rows])) if ok_rows else None,
-            "catastrophic": sum(
-                1 for r in rows if r.get("failed") or r[key] > 10 or r.get("diverged") or r.get("trained_diverged")
-            ),  # fmt: skip
-            "spread_std_decades": float(np.std(log_lrs)),
-            "spread_range_decades": float(np.ptp(log_lrs)),
-        }
+    scored = {name: score_pick(trainer, s, curves[s], lrs, train and args.verify, seeds)
+              for name, (s, lrs, train) in picks.items()}  # fmt: skip
 
-    # Cost.
     epoch_s = trainer.epoch_time()
-    overhead = step_overhead(task)
     out = {
         "task": task.name,
         "notes": task.notes,
@@ -430,14 +409,20 @@ def run_task(task: Task, args) -> dict[str, Any]:
             s: {
                 "lrs": c.lrs.tolist(),
                 "acc": c.acc.tolist(),
+                "smooth_acc": c.smooth.tolist(),
                 "loss": c.loss.tolist(),
                 "best_lr": c.best_lr,
                 "best_acc": float(c.acc[c.best]),
             }
             for s, c in curves.items()
         },  # fmt: skip
+        "noise_floor": noise_floor,
         "cosine_over_constant": curves["cosine"].best_lr / curves["constant"].best_lr,
-        "sweeps": [r.to_dict() for r in sweeps],
+        "smoothed_cosine_over_constant": float(
+            curves["cosine"].lrs[np.argmax(curves["cosine"].smooth)]
+            / curves["constant"].lrs[np.argmax(curves["constant"].smooth)]
+        ),
+        "sweeps": [{**r.to_dict(), "lrs": r.lrs.tolist(), "losses": r.losses.tolist()} for r in sweeps],
         "seed_rule": baseline,
         "scored": scored,
         "rule_table": rule_table,
@@ -447,12 +432,47 @@ def run_task(task: Task, args) -> dict[str, Any]:
             "sweep_total_s": float(np.median(sweep_times)),
             "sweep_loop_s": float(np.median([r.metadata["wall_time_s"] for r in sweeps])),
             "sweep_steps": float(np.median([r.metadata["recorded_steps"] for r in sweeps])),
-            **overhead,
+            **step_overhead(task),
         },
         "grid_time_s": grid_time,
     }
     print_task(out)
     return out
+
+
+def score_pick(trainer: Trainer, schedule: str, curve: GridCurve, lrs: list, train: bool, seeds) -> dict[str, Any]:
+    """Regret of one kind of pick over the sweep seeds: trained for real (``train``) and read off the grid."""
+    rows = []
+    for lr in lrs:
+        if lr is None:
+            rows.append({"lr": None, "failed": True})
+            continue
+        row = curve.regret(lr)
+        if train:
+            real = [trainer.run(schedule, lr, seed) for seed in seeds]
+            row["trained_regret"] = float(curve.acc[curve.best] - 100 * np.mean([r["acc"] for r in real]))
+            row["diverged"] = any(r["diverged"] for r in real)
+        rows.append(row)
+    ok = [r for r in rows if r.get("lr")]
+    log_lrs = np.log10([r["lr"] for r in ok]) if ok else np.array([np.nan])
+    key = "trained_regret" if train else "acc_regret"
+
+    def stat(values, fn):
+        return float(fn(values)) if values else None
+
+    return {
+        "rows": rows,
+        "trained": train,
+        "median_lr": float(10 ** np.median(log_lrs)),
+        "mean_regret": stat([r[key] for r in ok], np.mean),
+        "worst_regret": stat([r[key] for r in ok], np.max),
+        "mean_smooth_regret": stat([r["smooth_regret"] for r in ok], np.mean),
+        "worst_smooth_regret": stat([r["smooth_regret"] for r in ok], np.max),
+        "mean_loss_regret": stat([r["loss_regret"] for r in ok], np.mean),
+        "catastrophic": sum(1 for r in rows if r.get("failed") or r[key] > 10 or r.get("diverged")),
+        "spread_std_decades": float(np.std(log_lrs)),
+        "spread_range_decades": float(np.ptp(log_lrs)),
+    }
 
 
 def step_overhead(task: Task, steps: int = 150, repeats: int = 5) -> dict[str, float]:
@@ -491,6 +511,7 @@ def step_overhead(task: Task, steps: int = 150, repeats: int = 5) -> dict[str, f
         "plain_step_ms": 1000 * p,
         "finder_step_ms": 1000 * s,
         "overhead_pct": 100 * (s / p - 1),
+        "overhead_min_pct": 100 * (min(swept) / min(plain) - 1),
         "overhead_runs_pct": [round(100 * (b / a - 1), 1) for a, b in zip(plain, swept, strict=True)],
     }
 
@@ -498,50 +519,66 @@ def step_overhead(task: Task, steps: int = 150, repeats: int = 5) -> dict[str, f
 def print_task(out: dict[str, Any]) -> None:
     name = out["task"]
     g = out["grid"]
-    print(f"\n[{name}] grid best: constant {g['constant']['best_lr']:.2e} ({100 * g['constant']['best_acc']:.1f}%), "
-          f"cosine peak {g['cosine']['best_lr']:.2e} ({100 * g['cosine']['best_acc']:.1f}%), "
-          f"ratio {out['cosine_over_constant']:.2f}")  # fmt: skip
-    print(f"[{name}] {'pick':14s} {'median lr':>10s} {'mean regret':>12s} {'worst':>7s} {'loss regret':>12s} "
-          f"{'catastr.':>9s} {'spread std/range (dec)':>24s}")  # fmt: skip
+    print(f"\n[{name}] grid best: constant {g['constant']['best_lr']:.2e} ({g['constant']['best_acc']:.1f}%), "
+          f"cosine peak {g['cosine']['best_lr']:.2e} ({g['cosine']['best_acc']:.1f}%): ratio "
+          f"{out['cosine_over_constant']:.2f} ({out['smoothed_cosine_over_constant']:.2f} on the smoothed grid); "
+          f"noise floor {out['noise_floor']['constant']:+.1f} / {out['noise_floor']['cosine']:+.1f}")  # fmt: skip
+    print(f"[{name}] {'pick':14s} {'median lr':>10s} {'regret mean/worst':>18s} {'smoothed grid':>14s} "
+          f"{'loss regret':>12s} {'catastr.':>9s} {'spread std/range (dec)':>23s}")  # fmt: skip
     for pick, s in out["scored"].items():
-        print(f"[{name}] {pick:14s} {s['median_lr']:10.2e} {_n(s['mean_acc_regret']):>12s} "
-              f"{_n(s['worst_acc_regret']):>7s} "
+        kind = "trained" if s["trained"] else "grid"
+        print(f"[{name}] {pick:14s} {s['median_lr']:10.2e} {_n(s['mean_regret']):>7s}/{_n(s['worst_regret']):<5s}"
+              f"{kind:>6s} {_n(s['mean_smooth_regret']):>7s}/{_n(s['worst_smooth_regret']):<6s} "
               f"{_n(s['mean_loss_regret'], 3):>12s} {s['catastrophic']:>9d} "
-              f"{s['spread_std_decades']:>11.2f} / {s['spread_range_decades']:.2f}")  # fmt: skip
+              f"{s['spread_std_decades']:>14.2f} / {s['spread_range_decades']:.2f}")  # fmt: skip
     c = out["cost"]
     print(f"[{name}] cost: epoch {c['epoch_s']:.2f} s ({c['steps_per_epoch']} steps); sweep {c['sweep_total_s']:.1f} s "
-          f"total / {c['sweep_loop_s']:.1f} s loop ({c['sweep_steps']:.0f} steps) = "
-          f"{c['sweep_total_s'] / c['epoch_s']:.1f} / {c['sweep_loop_s'] / c['epoch_s']:.1f} epochs; "
-          f"step {c['plain_step_ms']:.2f} ms plain vs {c['finder_step_ms']:.2f} ms with LRFinder "
-          f"({c['overhead_pct']:+.1f} %)")  # fmt: skip
+          f"incl. clone and tracing, {c['sweep_loop_s']:.1f} s loop ({c['sweep_steps']:.0f} steps) = "
+          f"{c['sweep_total_s'] / c['epoch_s']:.1f} / {c['sweep_loop_s'] / c['epoch_s']:.1f} epochs; step "
+          f"{c['plain_step_ms']:.2f} ms plain vs {c['finder_step_ms']:.2f} ms with LRFinder: overhead "
+          f"{c['overhead_pct']:+.1f} % (median of runs), {c['overhead_min_pct']:+.1f} % (fastest runs)")  # fmt: skip
 
 
 def summarize(results: list[dict[str, Any]], smoothings) -> None:
     print("\n=== summary over tasks")
+    tasks = [r["task"] for r in results]
     for smoothing in smoothings:
         for schedule in ("constant", "cosine"):
-            print(
-                f"rule table (smoothing {smoothing}, {schedule}): mean accuracy regret in points, "
-                "averaged over tasks, per multiplier of the rule's LR"
-            )
+            print(f"rule x multiplier, {schedule} schedule, smoothing {smoothing}: regret on the smoothed grid, "
+                  "mean over tasks / worst sweep of any task")  # fmt: skip
+            print("  multiplier " + " ".join(f"{10 ** (k / 4):>9.3g}" for k in MULTIPLIER_STEPS))
             for rule in RULES:
                 cells = []
-                for k in range(-4, 9):
-                    m = 10 ** (k / 4)
-                    vals = [
-                        r["rule_table"][f"{smoothing}|{rule}|{m:.3g}|{schedule}"]["mean_acc_regret"] for r in results
-                    ]
-                    worst = [
-                        r["rule_table"][f"{smoothing}|{rule}|{m:.3g}|{schedule}"]["worst_acc_regret"] for r in results
-                    ]
-                    cells.append("  n/a" if None in vals else f"{np.mean(vals):5.1f}/{np.max(worst):<5.1f}")
-                print(f"  {rule:9s} " + " ".join(cells))
-            print("  multipliers: " + " ".join(f"{10 ** (k / 4):11.2f}" for k in range(-4, 9)))
+                for k in MULTIPLIER_STEPS:
+                    cell = [r["rule_table"][f"{smoothing}|{rule}|{k}|{schedule}"] for r in results]
+                    if any(c["mean"] is None for c in cell):
+                        cells.append(f"{'n/a':>9s}")
+                    else:
+                        cells.append(f"{np.mean([c['mean'] for c in cell]):4.1f}/{max(c['worst'] for c in cell):<4.1f}")
+                print(f"  {rule:10s} " + " ".join(cells))
     ratios = [r["cosine_over_constant"] for r in results]
+    smoothed = [r["smoothed_cosine_over_constant"] for r in results]
     print(
-        f"grid-best cosine peak / constant LR per task: {', '.join(f'{x:.2f}' for x in ratios)} "
-        f"(geometric mean {math.exp(np.mean(np.log(ratios))):.2f})"
+        f"grid-best cosine peak / constant LR: {', '.join(f'{t} {x:.2f}' for t, x in zip(tasks, ratios, strict=True))} "
+        f"(geometric mean {math.exp(np.mean(np.log(ratios))):.2f}); on the smoothed grid: "
+        f"{', '.join(f'{x:.2f}' for x in smoothed)} (geometric mean {math.exp(np.mean(np.log(smoothed))):.2f})"
     )
+    print(
+        "targets per task: ours within 1 point (trained mean regret | smoothed-grid mean), 0 catastrophic, "
+        "spread std <= 0.2 decades, better than the seed's rule, per-step overhead < 5 %"
+    )
+    for r in results:
+        sc = r["scored"]
+        for kind in ("constant", "peak"):
+            ours, seed = sc[f"ours_{kind}"], sc[f"seed_{kind}"]
+            better = (
+                ours["mean_smooth_regret"] < seed["mean_smooth_regret"] and ours["catastrophic"] <= seed["catastrophic"]
+            )
+            print(f"  {r['task']:11s} {kind:8s} regret {_n(ours['mean_regret'])} | {_n(ours['mean_smooth_regret'])} "
+                  f"(noise floor {r['noise_floor']['constant' if kind == 'constant' else 'cosine']:+.1f}), "
+                  f"catastrophic {ours['catastrophic']}, spread {ours['spread_std_decades']:.2f}, "
+                  f"seed rule {_n(seed['mean_smooth_regret'])} ({seed['catastrophic']} catastrophic): "
+                  f"{'better' if better else 'NOT better'}; overhead {r['cost']['overhead_pct']:+.1f} %")  # fmt: skip
 
 
 def _f(x):
@@ -557,13 +594,13 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", default="digits,digits_sgd,fsdd,birds")
     parser.add_argument("--quick", action="store_true", help="digits only, 3 points/decade, 2 sweep seeds, 1 seed")
     parser.add_argument("--sweep-seeds", type=int, default=5)
-    parser.add_argument("--train-seeds", type=int, default=2)
+    parser.add_argument("--train-seeds", type=int, default=3, help="at most this many training seeds per task")
     parser.add_argument("--per-decade", type=int, default=4)
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="score picks on the grid only")
     parser.add_argument("--json", type=Path, help="write all figures to this JSON file")
     parser.add_argument("--plot", type=Path, help="only save the plot of one sweep (seed 100) on the first task")
     args = parser.parse_args(argv)
-    args.smoothings = (5, 10, 20)
+    args.smoothings = (5, 20)
     if args.quick:
         args.tasks, args.per_decade, args.sweep_seeds, args.train_seeds = "digits", 3, 2, 1
     t0 = time.perf_counter()

@@ -3,17 +3,15 @@
 ``birdnet-stm32 make-demo-data --out DIR`` writes ``DIR/<species>/<species>_NNN.wav`` for six
 invented "species", each with its own call type and frequency band:
 
-=================  ===============================================  ==============
-folder             call                                             band
-=================  ===============================================  ==============
-rising_whistler    rising whistle (exponential up-sweep)            2.2 - 4.4 kHz
-falling_whistler   falling whistle (exponential down-sweep)         5.0 - 2.6 kHz
-trilling_wren      trill: 16-24 short down-slurred pulses per s     6.8 - 7.4 kHz
-harmonic_hooter    hoot: harmonic stack on a gliding fundamental    0.65 - 3.3 kHz
-warbling_vireo     warble: fast frequency modulation (8-14 Hz)      3.5 - 5.5 kHz
-chirping_sparrow   3-6 quick down-chirps in a row                   9.8 - 8.0 kHz
-noise              background only (no species), optional
-=================  ===============================================  ==============
+| folder | call | band |
+|---|---|---|
+| `rising_whistler` | rising whistle (exponential up-sweep) | 2.2 - 4.4 kHz |
+| `falling_whistler` | falling whistle (exponential down-sweep) | 5.0 - 2.6 kHz |
+| `trilling_wren` | trill: 16-24 short down-slurred pulses per s | 6.8 - 7.4 kHz |
+| `harmonic_hooter` | hoot: harmonic stack on a gliding fundamental | 0.65 - 3.3 kHz |
+| `warbling_vireo` | warble: fast frequency modulation (8-14 Hz) | 3.5 - 5.5 kHz |
+| `chirping_sparrow` | 3-6 quick down-chirps in a row | 9.8 - 8.0 kHz |
+| `noise` | background only (no species), optional | |
 
 Every clip is different: duration, pitch (+-8 %), tempo (+-25 %), call timing and level
 are random; the background is a random mix of pink noise, gusty low-frequency wind and

@@ -25,20 +25,23 @@ and the noise estimate: a minimum set by the first, barely averaged values, or a
 handful of steps, would be noise itself. The rule uses only differences of losses, so it works for
 losses near or below zero, where "loss > 4 x best" breaks. A non-finite loss stops the sweep at once.
 
-**Suggestions** (all on the lag-corrected curve, never past the smoothed minimum, never from the diverged or
-non-finite region):
+**Suggestions** (all on the lag-corrected curve, never from the diverged or non-finite region). The *start
+level* is the median of the smoothed loss over the warm-up steps, ``D`` the drop from it to the smoothed minimum,
+and the *valley floor* the stretch where the smoothed loss is within ``FLOOR_LEVEL`` (30 %) of ``D`` above the
+minimum:
 
-- ``valley``: the descent is the stretch from the last point where the smoothed loss is still within 10 % of the
-  drop below its starting level to the first point within 10 % of the drop above the minimum; the valley
-  suggestion is its geometric midpoint.
-- ``minimum``: the LR of the smoothed minimum divided by 10.
-- ``steepest``: the LR where the smoothed loss falls fastest per decade of LR, searched inside the descent.
+- ``valley`` (the default): the geometric centre of the valley floor, divided by 10. A noisy, flat bottom moves
+  the arg-minimum by half a decade from one sweep to the next; the centre of the floor barely moves.
+- ``minimum``: the LR of the smoothed minimum divided by 10 (the classic rule).
+- ``steepest``: the LR where the smoothed loss falls fastest per decade of LR, searched in the descent that
+  leads to the floor.
 - ``divergence``: the LR where the divergence rule fired (or the first non-finite loss); ``None`` if the sweep
   reached ``max_lr`` without diverging. An upper bound, not a training LR.
 
-The recommended constant LR is the valley; the recommended peak of a warmup-cosine or one-cycle schedule is the
-valley times :data:`PEAK_OVER_CONSTANT`. Both choices and the ratio come from the benchmark in
-``bench/lr_finder.py`` (see ``docs/lr-finder.md``).
+The recommended constant LR is the ``valley`` suggestion; the recommended peak of a warmup-cosine or one-cycle
+schedule is :data:`PEAK_OVER_CONSTANT` (``10 ** 0.75``, about 5.6) times higher, just below the floor's centre:
+a schedule spends most of its steps well below its peak. Both rules and the ratio were chosen, and are checked,
+by the benchmark in ``bench/lr_finder.py`` (see ``docs/lr-finder.md``).
 """
 
 from __future__ import annotations
@@ -72,12 +75,16 @@ FALL_K = 8.0
 MIN_POINTS = 8
 #: Diverging within this fraction of the planned steps means the range starts too high.
 EARLY_FRACTION = 0.1
-#: Edges of the descent: within this fraction of the drop of its top and of its bottom.
-VALLEY_EDGE = 0.1
-#: A minimum within this fraction of the last planned steps (without divergence) means the loss still fell at max_lr.
+#: The valley floor: where the smoothed loss is within this fraction of its drop above the minimum.
+FLOOR_LEVEL = 0.3
+#: The edge of the descent that leads to the floor: the loss has fallen this fraction of its drop.
+DESCENT_EDGE = 0.1
+#: ``valley`` and ``minimum`` are their LR divided by this (one decade below the bottom of the curve).
+BELOW_BOTTOM = 10.0
+#: A floor reaching the last this-fraction of the planned steps (without divergence): the loss still fell at max_lr.
 LATE_FRACTION = 0.05
 #: Ratio of the recommended schedule peak LR to the recommended constant LR (measured, see docs/lr-finder.md).
-PEAK_OVER_CONSTANT = 3.0
+PEAK_OVER_CONSTANT = 10**0.75
 #: Stop reasons a sweep can report.
 STOP_REASONS = ("completed", "diverged", "non_finite", "loss_scale_stall", "ended_early")
 
@@ -297,6 +304,7 @@ class LRFinderResult:
         suggestions: LR of every rule in :data:`SUGGESTION_RULES` (``None`` where a rule does not apply).
         recommended_lr: Recommended constant learning rate (``None`` for a bad sweep).
         recommended_peak_lr: Recommended peak of a warmup-cosine or one-cycle schedule (``None`` for a bad sweep).
+        valley_floor: Lowest and highest lag-corrected LR of the valley floor (``None`` if the loss never fell).
         stop_reason: Why the sweep stopped, one of :data:`STOP_REASONS`.
         stop_step: Index of the step where it stopped, ``None`` if it completed.
         ok: ``True`` when the sweep can be trusted; otherwise ``error`` says why.
@@ -323,6 +331,7 @@ class LRFinderResult:
     suggestions: dict[str, float | None]
     recommended_lr: float | None
     recommended_peak_lr: float | None
+    valley_floor: tuple[float, float] | None
     stop_reason: str
     stop_step: int | None
     ok: bool
@@ -386,7 +395,7 @@ class LRFinderResult:
         smoothed, lag = ema(losses[:n_finite], smoothing)
         smoothed_lrs = _log_interp(np.arange(n_finite) - lag, lrs) if n_finite else np.empty(0)
 
-        rules = _apply_rules(smoothed, smoothed_lrs, lrs, losses, stop, reason, smoothing)
+        rules = _apply_rules(smoothed, smoothed_lrs, lrs, stop, reason, smoothing)
         error, warnings = _judge(rules, lrs, losses, n_finite, stop, reason, planned, smoothing)
         suggestions = {name: rules.get(name) for name in SUGGESTION_RULES}
         ok = error is None
@@ -401,6 +410,7 @@ class LRFinderResult:
             suggestions=suggestions,
             recommended_lr=suggestions["valley"] if ok else None,
             recommended_peak_lr=suggestions["valley"] * PEAK_OVER_CONSTANT if ok else None,
+            valley_floor=rules.get("valley_floor"),
             stop_reason=reason,
             stop_step=stop if stop is not None else (None if reason == "completed" else int(lrs.size)),
             ok=ok,
@@ -459,6 +469,7 @@ class LRFinderResult:
             "recommended_peak_lr": self.recommended_peak_lr,
             "peak_over_constant": PEAK_OVER_CONSTANT,
             "suggestions": dict(self.suggestions),
+            "valley_floor": list(self.valley_floor) if self.valley_floor else None,
             "stop_reason": self.stop_reason,
             "stop_step": self.stop_step,
             "stop_lr": self._stop_lr(),
@@ -468,7 +479,8 @@ class LRFinderResult:
                 "divergence_rise": DIVERGENCE_RISE,
                 "noise_k": NOISE_K,
                 "fall_k": FALL_K,
-                "valley_edge": VALLEY_EDGE,
+                "floor_level": FLOOR_LEVEL,
+                "below_bottom": BELOW_BOTTOM,
             },
             **{k: v for k, v in self.metadata.items() if k not in ("ok", "error")},
         }
@@ -511,7 +523,7 @@ class LRFinderResult:
             f"lr {meta.get('min_lr', 0):.1e} -> {meta.get('max_lr', 0):.1e}, stopped: {self._stop_text()}"
         ]
         notes = {
-            "valley": "middle of the steepest descent",
+            "valley": "centre of the valley floor / 10",
             "minimum": "loss minimum / 10",
             "steepest": "fastest fall per decade",
             "divergence": "loss blows up here (upper bound)",
@@ -568,6 +580,8 @@ class LRFinderResult:
             if lr is not None and self.smoothed.size:
                 y = float(np.interp(np.log10(lr), np.log10(self.smoothed_lrs), self.smoothed))
                 ax.plot([lr], [y], marker=marker, color="black", ms=9, ls="none", label=f"recommended {text}: {lr:.2g}")
+        if self.valley_floor is not None:
+            ax.axvspan(*self.valley_floor, color="tab:green", alpha=0.12, label="valley floor")
         stop_lr = self._stop_lr()
         if stop_lr is not None:
             ax.axvspan(stop_lr, self.lrs[-1] * 1.5, color="tab:red", alpha=0.08)
@@ -612,40 +626,37 @@ def _apply_rules(
     smoothed: np.ndarray,
     smoothed_lrs: np.ndarray,
     lrs: np.ndarray,
-    losses: np.ndarray,
     stop: int | None,
     reason: str,
     span: int,
 ) -> dict[str, Any]:
-    """Every rule's LR plus the indices the verdict needs (all on the lag-corrected curve)."""
+    """Every rule's LR plus the landmarks the verdict and the plot need (all on the lag-corrected curve)."""
     out: dict[str, Any] = dict.fromkeys(SUGGESTION_RULES)
     if reason == "diverged" and smoothed_lrs.size:
         out["divergence"] = float(smoothed_lrs[-1])
     elif reason == "non_finite" and stop is not None:
         out["divergence"] = float(lrs[stop])
-    n = smoothed.size
-    if n < 2:
+    if smoothed.size < 2:
         return out
-    i_min = int(np.argmin(smoothed))
-    top = float(np.max(smoothed[: i_min + 1]))
-    drop = top - float(smoothed[i_min])
-    out.update(i_min=i_min, drop=drop)
     x = np.log10(smoothed_lrs)
-    out["minimum"] = float(10 ** x[i_min] / 10.0)
-    if drop <= 0 or i_min == 0:
+    i_min = int(np.argmin(smoothed))
+    bottom = float(smoothed[i_min])
+    start_level = float(np.median(smoothed[: max(span, 10)]))
+    drop = start_level - bottom
+    out.update(i_min=i_min, drop=drop)
+    out["minimum"] = float(10 ** x[i_min] / BELOW_BOTTOM)
+    if drop <= 0:
         return out
-    high = np.nonzero(smoothed[: i_min + 1] >= top - VALLEY_EDGE * drop)[0]
-    start = int(high[-1])
-    low = np.nonzero(smoothed[start : i_min + 1] <= smoothed[i_min] + VALLEY_EDGE * drop)[0]
-    end = start + int(low[0])
-    out.update(valley_start=start, valley_end=end)
-    out["valley"] = float(10 ** ((x[start] + x[end]) / 2.0))
-    segment = slice(start, end + 1)
-    if end - start >= 2:
-        slope = np.gradient(smoothed[segment], x[segment])
-        out["steepest"] = float(10 ** x[start + int(np.argmin(slope))])
-    else:
-        out["steepest"] = out["valley"]
+    floor = np.nonzero(smoothed <= bottom + FLOOR_LEVEL * drop)[0]
+    first, last = int(floor[0]), int(floor[-1])
+    out.update(floor_first=first, floor_last=last, valley_floor=(float(10 ** x[first]), float(10 ** x[last])))
+    out["valley"] = float(10 ** ((x[first] + x[last]) / 2) / BELOW_BOTTOM)
+    above = np.nonzero(smoothed[: first + 1] >= start_level - DESCENT_EDGE * drop)[0]
+    descent = slice(int(above[-1]) if above.size else 0, first + 1)
+    if descent.stop - descent.start >= 3:
+        slope = np.gradient(smoothed[descent], x[descent])
+        out["steepest"] = float(10 ** x[descent.start + int(np.argmin(slope))])
+    out["descent_start"] = descent.start
     return out
 
 
@@ -700,12 +711,12 @@ def _judge(
             f"min_lr={first:.0e}, max_lr={last * 1e3:.0e}",
             warnings,
         )
-    if reason == "completed" and rules["i_min"] >= n_finite - max(LATE_FRACTION * planned, 1):
+    if reason == "completed" and rules["floor_last"] >= n_finite - max(LATE_FRACTION * planned, 1):
         warnings.append(
-            f"the loss was still falling at max_lr={_fmt(last)}: 'minimum' may be too low; "
+            f"the loss was still falling at max_lr={_fmt(last)}: the suggestions may be too low; "
             f"try max_lr={last * 100:.0e} to see where it diverges"
         )
-    if rules.get("valley_start") == 0:
+    if rules.get("descent_start") == 0:
         warnings.append(f"the loss was already falling at min_lr={_fmt(first)}; try min_lr={first / 100:.0e}")
     return None, warnings
 
@@ -738,8 +749,10 @@ def _jsonable(value: Any) -> Any:
 
 __all__ = [
     "DIVERGENCE_RISE",
+    "BELOW_BOTTOM",
     "DivergenceMonitor",
     "FALL_K",
+    "FLOOR_LEVEL",
     "LRFinderError",
     "LRFinderResult",
     "MIN_POINTS",
