@@ -1,13 +1,14 @@
 """Benchmark of the LR finder: regret against a grid search, stability across seeds, and cost.
 
 For every task the learning rate is grid-searched on a fixed short training budget (4 points per decade, 2-3
-training seeds) for a constant schedule and for the project's warmup + cosine schedule. Then the LR range test runs
-with 5 sweep seeds, and every suggestion is scored by its *regret*: the grid's best validation accuracy minus the
-accuracy at the suggested LR, in points. The recommended values are trained for real (same training seeds as the
-grid); every rule is also read off the grid curve (interpolated in log LR, after a light 3-point smoothing that
-tames the winner's curse of a noisy grid). The noise floor is the regret of the grid's own best LR re-trained with
-fresh seeds. The seed implementation (moving average of Keras' running-mean loss, steepest gradient, Adam
-recompile) is re-implemented here as the baseline.
+training seeds) for a constant schedule and for the project's warmup + cosine schedule; a run is scored like the
+trainer keeps its model: the best validation accuracy over the epochs (and the validation loss of that epoch).
+Then the LR range test runs with 5 sweep seeds, and every suggestion is scored by its *regret*: the grid's best
+validation accuracy minus the accuracy at the suggested LR, in points. The recommended values are trained for
+real (same training seeds as the grid); every rule is also read off the grid curve (interpolated in log LR, after
+a light 3-point smoothing that tames the winner's curse of a noisy grid). The noise floor is the regret of the
+grid's own best LR re-trained with fresh seeds. The seed implementation (moving average of Keras' running-mean
+loss, steepest gradient, Adam recompile) is re-implemented here as the baseline.
 
 Tasks (AdamW, weight decay 1e-4, batch 32 — the project's defaults):
 
@@ -217,13 +218,18 @@ class Trainer:
         return lr_curve(build_schedule(schedule, lr, self.task.steps_per_epoch, self.task.epochs), self.total)
 
     def run(self, schedule: str, lr: float, seed: int) -> dict[str, float]:
+        """Train on the budget; score the checkpoint the trainer would keep (best validation accuracy)."""
         self.reset(seed)
         self.assign.curve, self.assign.step = self.curve(schedule, lr), 0
-        history = self.model.fit(train_dataset(self.task, seed), epochs=1, steps_per_epoch=self.total,
-                                 callbacks=[self.assign], verbose=0, shuffle=False)  # fmt: skip
-        loss, acc = self.model.evaluate(self.task.x_val, self.task.y_val, batch_size=256, verbose=0)
-        diverged = not (math.isfinite(loss) and math.isfinite(history.history["loss"][-1]))
-        return {"acc": float(acc), "loss": float(loss) if math.isfinite(loss) else float("nan"), "diverged": diverged}
+        val = (self.task.x_val, self.task.y_val)
+        h = self.model.fit(train_dataset(self.task, seed), epochs=self.task.epochs, validation_data=val,
+                           validation_batch_size=256, steps_per_epoch=self.task.steps_per_epoch,
+                           callbacks=[self.assign], verbose=0, shuffle=False).history  # fmt: skip
+        acc = np.nan_to_num(np.array(h["val_accuracy"], dtype=float), nan=0.0)
+        best = int(np.argmax(acc))
+        loss = float(h["val_loss"][best])
+        diverged = not all(math.isfinite(v) for v in h["loss"])
+        return {"acc": float(acc[best]), "loss": loss if math.isfinite(loss) else float("nan"), "diverged": diverged}
 
     def epoch_time(self) -> float:
         """Steady-state wall time of one epoch (after tracing)."""
@@ -475,7 +481,7 @@ def score_pick(trainer: Trainer, schedule: str, curve: GridCurve, lrs: list, tra
     }
 
 
-def step_overhead(task: Task, steps: int = 150, repeats: int = 5) -> dict[str, float]:
+def step_overhead(task: Task, steps: int = 200, repeats: int = 5) -> dict[str, float]:
     """Median per-step time of plain ``fit`` vs ``fit`` with the LRFinder callback, as ``find_lr`` runs it.
 
     The same compiled model (optimizer LR given as a schedule, like the sweep's clone) alternates between a plain

@@ -270,10 +270,11 @@ def test_callback_in_a_users_fit_with_a_float_lr():
     model = dense_model()
     optimizer = keras.optimizers.SGD(0.01)
     model.compile(optimizer=optimizer, loss="categorical_crossentropy")
-    finder = LRFinder(min_lr=1e-3, max_lr=100.0, num_steps=60, progress=False)
+    finder = LRFinder(min_lr=1e-3, max_lr=100.0, num_steps=80, progress=False)
     x, y = make_data(512)
-    model.fit(batches(x, y).repeat(), epochs=1, steps_per_epoch=60, callbacks=[finder], shuffle=False, verbose=0)
-    np.testing.assert_allclose(finder.lrs, sweep_lrs(1e-3, 100.0, 60)[: len(finder.lrs)], rtol=1e-5)
+    ds = batches(x, y, 32).repeat()
+    model.fit(ds, epochs=1, steps_per_epoch=80, callbacks=[finder], shuffle=False, verbose=0)
+    np.testing.assert_allclose(finder.lrs, sweep_lrs(1e-3, 100.0, 80)[: len(finder.lrs)], rtol=1e-5)
     assert len(finder.losses) == len(finder.lrs) > 20 and finder.stop_reason == "diverged"
     assert "compute_loss" not in vars(model)
     assert float(optimizer.learning_rate) == pytest.approx(0.01)  # the user's LR is put back

@@ -16,14 +16,14 @@ SR = 8000
 TINY = {
     "audio": {"sample_rate": SR, "chunk_duration": 0.5, "n_fft": 128, "spec_width": 16, "n_mels": 16,
               "fmin": 100.0, "fmax": 4000.0, "frontend": "mel"},
-    "data": {"workers": 1, "val_fraction": 0.34},
+    "data": {"workers": 1, "val_fraction": 0.34, "mixup_alpha": 0.0, "time_masks": 0, "freq_masks": 0, "gain_db": 0.0},
     "model": {"alpha": 0.25, "depth": 1, "se": False, "residual": False},
-    "train": {"epochs": 2, "batch_size": 8, "patience": 0, "lr_finder": {"num_steps": 40, "min_lr": 1e-3,
+    "train": {"epochs": 2, "batch_size": 16, "patience": 0, "lr_finder": {"num_steps": 40, "min_lr": 1e-3,
               "max_lr": 10.0}},
 }  # fmt: skip
 
 
-def write_dataset(root, classes=("alpha", "beta", "gamma"), files_per_class=6, seed=0):
+def write_dataset(root, classes=("alpha", "beta", "gamma"), files_per_class=10, seed=0):
     rng = np.random.default_rng(seed)
     t = np.arange(int(1.0 * SR)) / SR
     for k, name in enumerate(classes):

@@ -69,8 +69,9 @@ DIVERGENCE_RISE = 0.5
 #: Noise margin of the divergence rule, in units of the smoothed noise ``sigma / sqrt(span)``: on a flat stretch
 #: of 200 steps, Gaussian noise alone crosses 6 units in about 1 sweep in 4 and 12 units in fewer than 1 in 100.
 NOISE_K = 12.0
-#: A drop of the smoothed loss smaller than this many smoothed-noise units means the loss never fell.
-FALL_K = 8.0
+#: A drop of the smoothed loss smaller than this many smoothed-noise units means the loss never fell (pure
+#: Gaussian noise reaches 6 units in fewer than 1 sweep in 100).
+FALL_K = 6.0
 #: Fewer finite points than this and the sweep cannot be read.
 MIN_POINTS = 8
 #: Diverging within this fraction of the planned steps means the range starts too high.

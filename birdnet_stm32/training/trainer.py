@@ -94,8 +94,12 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     if name == "default" or (name == "auto" and len(gpus) < 2):
         return tf.distribute.get_strategy()
     if name in ("auto", "mirrored"):
-        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices=devices)
+        if gpus:
+            return tf.distribute.MirroredStrategy(devices=[d.name for d in gpus])
+        # CPU replicas: reduce through one device. The default collective all-reduce keys its ops by an
+        # instance counter that clashes when several strategies live in one process.
+        cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices=cpus, cross_device_ops=tf.distribute.ReductionToOneDevice())
     if name == "multiworker":
         if not os.environ.get("TF_CONFIG"):
             raise UserError("--strategy multiworker: set TF_CONFIG to describe the cluster (see docs/training.md)")
