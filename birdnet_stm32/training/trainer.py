@@ -223,13 +223,23 @@ def _compile(model, cfg: Config, learning_rate) -> None:
     )
 
 
-def _find_lr(model, cfg: Config, train_ds, run_dir: Path, strategy):
+def _find_lr(model, cfg: Config, train_set, weights: np.ndarray | None, run_dir: Path, strategy):
+    """Run the LR range test on the training pipeline without augmentation.
+
+    Mixup, masks and random gain add batch-to-batch loss noise that hides the loss's fall;
+    the sweep measures how the loss of the real data responds to the learning rate.
+    """
+    import dataclasses
+
     from birdnet_stm32.training.lr_finder import find_lr
 
+    plain = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, mixup_alpha=0.0, time_masks=0, freq_masks=0, gain_db=0.0)
+    )
     f = cfg.train.lr_finder
     result = find_lr(
         model,
-        train_ds,
+        _train_dataset(plain, train_set, weights),
         min_lr=f.min_lr,
         max_lr=f.max_lr,
         num_steps=f.num_steps,
@@ -266,7 +276,7 @@ def run_find_lr(cfg: Config, data_dir: str | Path, out_dir: str | Path) -> LRFin
         model = build_model(cfg.audio, cfg.model, len(train_set.classes))
         _compile(model, cfg, DEFAULT_LR)
     weights = class_weights(train_set.y) if cfg.train.class_weights else None
-    result = _find_lr(model, cfg, _train_dataset(cfg, train_set, weights), out_dir, strategy)
+    result = _find_lr(model, cfg, train_set, weights, out_dir, strategy)
     log.info("LR finder files written to %s", out_dir)
     return result
 
@@ -352,7 +362,7 @@ def train(
     print(format_summary(summary))
 
     if lr_info is None:
-        lr_info = _choose_lr(model, cfg, train_ds, run_dir, strategy)
+        lr_info = _choose_lr(model, cfg, train_set, weights, run_dir, strategy)
         atomic_write_text(
             run_dir / RUN_ARGS_FILE,
             json.dumps({"data_dir": str(data_dir), "val_dir": str(val_dir) if val_dir else None, "lr": lr_info}),
@@ -406,7 +416,7 @@ def train(
     return result
 
 
-def _choose_lr(model, cfg: Config, train_ds, run_dir: Path, strategy) -> dict[str, Any]:
+def _choose_lr(model, cfg: Config, train_set, weights, run_dir: Path, strategy) -> dict[str, Any]:
     """Pick the schedule's peak LR: LR finder, then ``--lr``, then the default."""
     if not cfg.train.find_lr:
         if cfg.train.lr > 0:
@@ -417,7 +427,7 @@ def _choose_lr(model, cfg: Config, train_ds, run_dir: Path, strategy) -> dict[st
     with strategy.scope():
         # The sweep clones this optimizer (class and hyperparameters) and replaces its LR.
         _compile(model, cfg, build_schedule(cfg.train.schedule, DEFAULT_LR, 100, 1))
-    result = _find_lr(model, cfg, train_ds, run_dir, strategy)
+    result = _find_lr(model, cfg, train_set, weights, run_dir, strategy)
     print(result.summary())
     if not result.ok:
         if cfg.train.lr > 0:
