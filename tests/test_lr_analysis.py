@@ -146,11 +146,11 @@ def test_too_few_finite_points_is_reported():
     assert not r.ok and r.stop_reason == "non_finite" and "only 5 finite steps" in r.error
 
 
-def test_loss_still_falling_at_max_lr_warns():
-    lrs, losses = sweep_curve(max_lr=1e-2, noise=0.02)
+def test_a_floor_reaching_max_lr_warns():
+    lrs, losses = sweep_curve(max_lr=1e-2, noise=0.02)  # the loss is still falling at the end
     r = LRFinderResult.from_sweep(lrs, losses)
     assert r.ok and r.stop_reason == "completed"
-    assert any("still falling" in w for w in r.warnings)
+    assert any("floor reaches max_lr" in w and "max_lr=1e+00" in w for w in r.warnings)
 
 
 @pytest.mark.parametrize(

@@ -83,7 +83,7 @@ FLOOR_LEVEL = 0.3
 DESCENT_EDGE = 0.1
 #: ``valley`` and ``minimum`` are their LR divided by this (one decade below the bottom of the curve).
 BELOW_BOTTOM = 10.0
-#: A floor reaching the last this-fraction of the planned steps (without divergence): the loss still fell at max_lr.
+#: A floor reaching the last this-fraction of the planned steps (without divergence) may continue past max_lr.
 LATE_FRACTION = 0.05
 #: Ratio of the recommended schedule peak LR to the recommended constant LR (measured, see docs/lr-finder.md).
 PEAK_OVER_CONSTANT = 10**0.75
@@ -715,8 +715,8 @@ def _judge(
         )
     if reason == "completed" and rules["floor_last"] >= n_finite - max(LATE_FRACTION * planned, 1):
         warnings.append(
-            f"the loss was still falling at max_lr={_fmt(last)}: the suggestions may be too low; "
-            f"try max_lr={last * 100:.0e} to see where it diverges"
+            f"the valley floor reaches max_lr={_fmt(last)} (the loss had not clearly risen again): the "
+            f"suggestions may be too low; try max_lr={last * 100:.0e} to see where it diverges"
         )
     if rules.get("descent_start") == 0:
         warnings.append(f"the loss was already falling at min_lr={_fmt(first)}; try min_lr={first / 100:.0e}")
