@@ -111,7 +111,7 @@ def pipeline_benchmark(data_dir: Path, steps: int) -> None:
 
 
 def lr_benchmark(data_dir: Path, work: Path, quick: bool) -> None:
-    grid = [1e-3, 1e-2, 1e-1] if quick else [10**e for e in np.arange(-3.5, -0.49, 0.5)]
+    grid = [1e-3, 1e-2, 1e-1] if quick else [float(10**e) for e in np.arange(-3.5, -0.49, 0.5)]
     epochs = 8 if quick else demo_config().train.epochs
     print(f"\n## --find-lr vs a grid of fixed peak LRs (demo data, {epochs} epochs, cosine schedule, seed 42)")
     print("| run | peak LR | best val accuracy | wall time (s) |\n|---|---|---|---|")

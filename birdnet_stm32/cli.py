@@ -139,6 +139,7 @@ def _add_setting_flags(parser: argparse.ArgumentParser, flags: Sequence[str]) ->
         if flag in SWITCH_FLAGS:
             path, value = SWITCH_FLAGS[flag]
             _, text, _ = setting_help(path)
+            text = f"{text} This switch sets {path}: {str(value).lower()}.".replace("%", "%%")
             group.add_argument(flag, dest=flag, action="store_const", const=value, default=None, help=text)
             continue
         path = SETTING_FLAGS[flag]
@@ -297,10 +298,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     if args.config is None and (args.run / "config.yaml").is_file():
         args.config = args.run / "config.yaml"
+    cfg = build_config(args)
     report = export_run(
         args.run,
-        build_config(args).export,
+        cfg.export,
         data_dir=args.data,
+        data_cfg=cfg.data,
         out_path=args.out,
         overrides={k: v for k, v in vars(args).items() if k.startswith("--") and v is not None},
     )

@@ -267,8 +267,11 @@ class TrainConfig:
         """
         _check(self.epochs >= 1, f"--epochs {self.epochs}: must be >= 1")
         _check(self.batch_size >= 1, f"--batch-size {self.batch_size}: must be >= 1")
-        _check(self.lr >= 0, f"--lr {self.lr}: must be > 0")
-        _check(self.schedule in ("cosine", "onecycle", "constant"), f"--schedule {self.schedule}: choose cosine, onecycle or constant")
+        _check(self.lr >= 0, f"--lr {self.lr}: must be > 0 (or 0 for not set)")
+        _check(
+            self.schedule in ("cosine", "onecycle", "constant"),
+            f"--schedule {self.schedule}: choose cosine, onecycle or constant",
+        )
         _check(self.optimizer in ("adam", "adamw", "sgd"), f"--optimizer {self.optimizer}: choose adam, adamw or sgd")
         _check(
             self.strategy in ("auto", "default", "mirrored", "multiworker"),
@@ -287,7 +290,8 @@ class ExportConfig:
         int8_io: int8 model input and output instead of float32 with QUANTIZE/DEQUANTIZE at the edges.
         calibration_samples: Number of chunks in the representative dataset.
         min_cosine: Lowest acceptable mean cosine similarity between Keras and TFLite outputs.
-        min_top1_agreement: Lowest acceptable top-1 agreement between Keras and TFLite.
+        min_top1_agreement: Lowest acceptable top-1 agreement between Keras and TFLite on the validation chunks
+            that contain a species.
         max_accuracy_drop: Largest acceptable accuracy drop (fraction, e.g. 0.02 = 2 points).
         strict: Fail when the STM32N6 audit finds any problem.
     """

@@ -35,8 +35,7 @@ def demo_config() -> Config:
                 "batch_size": 32,
                 "find_lr": True,
                 "patience": 8,
-                "lr_finder": {"num_steps": 100, "min_lr": 1e-5},
-            },  # fmt: skip
+            },
             "export": {"calibration_samples": 200},
         },
         source="demo",

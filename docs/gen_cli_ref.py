@@ -29,10 +29,15 @@ def usage(parser: argparse.ArgumentParser) -> str:
     return parser.format_usage().strip()
 
 
+def prose(text: str) -> str:
+    """Make help text safe as Markdown: outside code spans, ``<`` and ``>`` are escaped so ``DIR/<class>`` shows."""
+    pieces = re.split(r"(`+[^`]*`+)", text)
+    return "".join(p if p.startswith("`") else p.replace("<", "&lt;").replace(">", "&gt;") for p in pieces)
+
+
 def cell(text: str) -> str:
     """Make ``text`` safe for a Markdown table cell: escape ``|`` and, outside code spans, ``<`` and ``>``."""
-    pieces = re.split(r"(`+[^`]*`+)", text.replace("|", "\\|"))
-    return "".join(p if p.startswith("`") else p.replace("<", "&lt;").replace(">", "&gt;") for p in pieces)
+    return prose(text.replace("|", "\\|"))
 
 
 def help_text(action: argparse.Action, prog: str) -> str:
@@ -87,12 +92,13 @@ def render(parser: argparse.ArgumentParser) -> str:
         "# Command line",
         "",
         "Generated from the program's own argument parser; `birdnet-stm32 COMMAND --help` prints the same.",
-        "`python -m birdnet_stm32` and `python scripts/<command>.py` are the same program.",
+        "`python -m birdnet_stm32` and `python scripts/<command>.py` (with `_` for `-`, e.g. `scripts/find_lr.py`) "
+        "are the same program.",
         "",
         "Exit codes: 0 success, 1 a check failed (for example a bad LR sweep or a failed export audit), "
         "2 a user error (one line on stderr naming the flag, file or setting), 130 interrupted.",
         "",
-        parser.description or "",
+        prose(parser.description or ""),
         "",
         "```text",
         usage(parser),
@@ -105,7 +111,8 @@ def render(parser: argparse.ArgumentParser) -> str:
         "",
     ]
     for name, _, sub in subcommands(parser):
-        lines += [f"## {name}", "", sub.description or "", "", "```text", usage(sub), "```", "", *options_table(sub)]
+        lines += [f"## {name}", "", prose(sub.description or ""), "", "```text", usage(sub), "```", ""]
+        lines += options_table(sub)
     return "\n".join(lines)
 
 

@@ -11,7 +11,12 @@ before the docstrings are parsed:
   (relative ``.name`` against the current package, bare names against the current class and module); a name inside
   ``birdnet_stm32`` that does not resolve is still linked, so the strict build fails on the typo; a name outside
   the package (``tf.data.Dataset``) becomes inline code;
-* a paragraph ending in ``::`` before an indented block ends in ``:`` (the block renders as code either way).
+* a paragraph ending in ``::`` before an indented block ends in ``:`` (the block renders as code either way);
+* a ``Returns:``/``Yields:`` section whose first line holds a colon gets a leading ``: ``. With
+  ``returns_named_value: false`` griffe reads ``TYPE: text`` there and would show "A JSON-ready dict" or
+  ``{"csv"`` as the type; an empty type makes it take the function's return annotation, as for any other line.
+
+The root package only gets griffe's ``on_package`` event, not ``on_object``, so both are handled.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import griffe
 
 ROLE = re.compile(r":(?:py:)?(?:mod|class|func|meth|attr|data|exc|obj|const):`(~?)([^`<]+?)`")
 LITERAL_MARKER = re.compile(r"(\S)::(\n\s*\n)")
+RETURNS_HEADER = re.compile(r"^(Returns|Yields):[ \t]*$")
 PACKAGE = "birdnet_stm32"
 
 
@@ -38,7 +44,11 @@ class SphinxRolesToAutorefs(griffe.Extension):
         if obj.docstring is None:
             return
         text = ROLE.sub(lambda match: self._link(match, obj, loader), obj.docstring.value)
-        obj.docstring.value = LITERAL_MARKER.sub(r"\1:\2", text)
+        obj.docstring.value = _untyped_returns(LITERAL_MARKER.sub(r"\1:\2", text))
+
+    def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
+        """Rewrite the root package's docstring (griffe fires ``on_object`` only for its members)."""
+        self.on_object(obj=pkg, loader=loader)
 
     def _link(self, match: re.Match[str], obj: griffe.Object, loader: griffe.GriffeLoader) -> str:
         short, target = match.group(1) == "~", match.group(2).strip()
@@ -70,6 +80,22 @@ class SphinxRolesToAutorefs(griffe.Extension):
             return path
         internal = [path for path in candidates if path.split(".", 1)[0] == PACKAGE]
         return internal[0] if internal and target.startswith((PACKAGE, ".")) else None
+
+
+def _untyped_returns(text: str) -> str:
+    """Prefix ``: `` to the first line of each ``Returns:``/``Yields:`` section that contains a colon."""
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if not RETURNS_HEADER.match(line):
+            continue
+        first = next((j for j in range(i + 1, len(lines)) if lines[j].strip()), None)
+        if first is None:
+            continue
+        body = lines[first].lstrip()
+        indent = lines[first][: len(lines[first]) - len(body)]
+        if indent and ":" in body and not body.startswith(":"):
+            lines[first] = f"{indent}: {body}"
+    return "\n".join(lines)
 
 
 def _comment_above(obj: griffe.Object) -> str:

@@ -185,6 +185,21 @@ def test_lr_finder_page_shows_the_public_api_with_parameters_defaults_and_source
     assert "class LRFinder" in html.unescape(re.sub(r"<[^>]+>", "", text))
 
 
+def test_guides_have_no_unfilled_placeholders_and_their_images_exist():
+    """A guide must not ship a ``{{...}}`` placeholder or "pending" figures, nor link an image that is not there."""
+    problems = []
+    for page in sorted((ROOT / "docs").rglob("*.md")):
+        text = page.read_text(encoding="utf-8")
+        where = page.relative_to(ROOT)
+        problems += [f"{where}: placeholder {m}" for m in re.findall(r"\{\{[^}]*\}\}", text)]
+        if re.search(r"figures? pending|\bTODO\b|\bTBD\b", text):
+            problems.append(f"{where}: unfinished text (pending / TODO / TBD)")
+        for image in re.findall(r"!\[[^\]]*\]\(([^)\s]+)", text):
+            if not (page.parent / image).is_file():
+                problems.append(f"{where}: image {image} does not exist")
+    assert not problems, "\n".join(problems)
+
+
 @pytest.mark.slow
 def test_reference_pages_render_docstrings_as_markdown(site):
     """Doctest prompts only inside code blocks, no reST roles or ``::`` markers left, no blockquotes."""

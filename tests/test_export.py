@@ -282,3 +282,10 @@ def test_output_agreement_and_thresholds():
     failures = check_fidelity(report, ExportConfig(min_cosine=0.5, min_top1_agreement=0.9, max_accuracy_drop=0.03))
     assert len(failures) == 2 and "top-1 agreement" in failures[0] and "accuracy drop 0.0500" in failures[1]
     assert check_fidelity(report, ExportConfig(min_cosine=0.5, min_top1_agreement=0.5, max_accuracy_drop=0.1)) == []
+    # The gate reads the agreement on chunks with a species when the report has it: here 1 of 2 labeled rows.
+    labeled = {**report, "top1_agreement_labeled": 0.5, "metrics": {"accuracy": {"diff": 0.0}}}
+    failures = check_fidelity(labeled, ExportConfig(min_cosine=0.5, min_top1_agreement=0.6))
+    assert failures == ["top-1 agreement on chunks with a species 0.5000 < export.min_top1_agreement 0.6"]
+    assert (
+        check_fidelity({**labeled, "top1_agreement": 0.0}, ExportConfig(min_cosine=0.5, min_top1_agreement=0.5)) == []
+    )

@@ -14,10 +14,10 @@ from birdnet_stm32.training.lr_analysis import (
     DivergenceMonitor,
     LRFinderError,
     LRFinderResult,
+    _apply_rules,
     check_sweep_args,
     ema,
     noise_sigma,
-    _apply_rules,
     sweep_lrs,
 )
 

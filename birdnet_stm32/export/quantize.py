@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -33,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from birdnet_stm32.config import ExportConfig
+from birdnet_stm32.config import DataConfig, ExportConfig
 from birdnet_stm32.errors import UserError
 from birdnet_stm32.run import MODEL_CONFIG_FILE, TFLITE_FILE, Run, open_run
 from birdnet_stm32.utils import atomic_write_bytes, atomic_write_text
@@ -207,6 +208,7 @@ def export_run(
     export_cfg: ExportConfig,
     *,
     data_dir: str | Path | None = None,
+    data_cfg: DataConfig | None = None,
     out_path: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -217,6 +219,8 @@ def export_run(
         export_cfg: Quantization settings and fidelity thresholds.
         data_dir: Dataset root for calibration and validation instead of the run's own data; it
             must have the run's classes.
+        data_cfg: Where the feature cache lives and how many workers extract features (``cache_dir``,
+            ``workers``); the split and everything else come from the run's own ``config.yaml``.
         out_path: Output ``.tflite`` path (default ``RUN/model_int8.tflite``). The report
             (``export_report.json``) and the MCU metadata (same name, ``.json``) go beside it.
         overrides: Command-line settings that were given, recorded in the report.
@@ -244,7 +248,7 @@ def export_run(
     out_path = Path(out_path) if out_path is not None else run.path / TFLITE_FILE
     if out_path.suffix != ".tflite":
         raise UserError(f"--out {out_path}: the output file must end in .tflite")
-    train, val, sources = _load_split(run, data_dir)
+    train, val, sources = _load_split(run, data_dir, data_cfg)
     model = run.load_model()
     _check_features(model, run, train, sources["train"])
 
@@ -343,9 +347,12 @@ def mcu_metadata(
     }
 
 
-def _load_split(run: Run, data_dir: str | Path | None) -> tuple[Any, Any, dict[str, str]]:
+def _load_split(run: Run, data_dir: str | Path | None, data_cfg: DataConfig | None) -> tuple[Any, Any, dict[str, str]]:
     from birdnet_stm32.data.dataset import discover, prepare_datasets
 
+    data = run.config.data
+    if data_cfg is not None:
+        data = dataclasses.replace(data, cache_dir=data_cfg.cache_dir, workers=data_cfg.workers)
     val_dir = None
     if data_dir is None:
         info = run.model_config.get("data") or {}
@@ -360,8 +367,7 @@ def _load_split(run: Run, data_dir: str | Path | None) -> tuple[Any, Any, dict[s
                 raise UserError(f"{run.path}: the run's validation data {val_dir} no longer exists; pass --data DIR")
     else:
         discover(data_dir, classes=run.labels)
-    train, val = prepare_datasets(data_dir, run.config.audio, run.config.data, seed=run.config.train.seed,
-                                  val_dir=val_dir)  # fmt: skip
+    train, val = prepare_datasets(data_dir, run.config.audio, data, seed=run.config.train.seed, val_dir=val_dir)
     if list(train.classes) != list(run.labels):
         raise UserError(f"--data {data_dir}: classes {train.classes} differ from the run's labels {run.labels}")
     return (

@@ -243,6 +243,7 @@ def _find_lr(model, cfg: Config, train_set, weights: np.ndarray | None, run_dir:
         min_lr=f.min_lr,
         max_lr=f.max_lr,
         num_steps=f.num_steps,
+        smoothing=f.smoothing,
         batch_size=cfg.train.batch_size,
         seed=cfg.train.seed,
         strategy=strategy,
