@@ -433,18 +433,32 @@ def run_task(task: Task, args) -> dict[str, Any]:
         "seed_rule": baseline,
         "scored": scored,
         "rule_table": rule_table,
-        "cost": {
-            "epoch_s": epoch_s,
-            "steps_per_epoch": task.steps_per_epoch,
-            "sweep_total_s": float(np.median(sweep_times)),
-            "sweep_loop_s": float(np.median([r.metadata["wall_time_s"] for r in sweeps])),
-            "sweep_steps": float(np.median([r.metadata["recorded_steps"] for r in sweeps])),
-            **step_overhead(task),
-        },
+        "cost": sweep_cost(task, sweeps, sweep_times, epoch_s),
         "grid_time_s": grid_time,
     }
     print_task(out)
     return out
+
+
+def rescore(task: Task, saved: dict[str, Any], args) -> None:
+    """Train the current rules' recommendations on the saved sweeps and score them against the saved grids."""
+    from birdnet_stm32.training.lr_analysis import LRFinderResult
+
+    trainer = Trainer(task)
+    seeds = range(min(task.train_seeds, args.train_seeds))
+    results = [LRFinderResult.from_sweep(w["lrs"], w["losses"], smoothing=5, num_steps=200) for w in saved["sweeps"]]
+    for name, schedule, attr in (
+        ("ours_constant", "constant", "recommended_lr"),
+        ("ours_peak", "cosine", "recommended_peak_lr"),
+    ):
+        g = saved["grid"][schedule]
+        runs = {lr: [{"acc": a / 100, "loss": loss, "diverged": loss is None or not math.isfinite(loss)}]
+                for lr, a, loss in zip(g["lrs"], g["acc"], g["loss"], strict=True)}  # fmt: skip
+        s = score_pick(trainer, schedule, GridCurve(runs), [getattr(r, attr) for r in results], True, seeds)
+        print(f"[{task.name}] {name:14s} median lr {s['median_lr']:.2e}: regret {_n(s['mean_regret'])}/"
+              f"{_n(s['worst_regret'])} trained, {_n(s['mean_smooth_regret'])}/{_n(s['worst_smooth_regret'])} "
+              f"on the smoothed grid, catastrophic {s['catastrophic']}, "
+              f"spread {s['spread_std_decades']:.2f} decades")  # fmt: skip
 
 
 def score_pick(trainer: Trainer, schedule: str, curve: GridCurve, lrs: list, train: bool, seeds) -> dict[str, Any]:
@@ -482,44 +496,86 @@ def score_pick(trainer: Trainer, schedule: str, curve: GridCurve, lrs: list, tra
     }
 
 
-def step_overhead(task: Task, steps: int = 200, repeats: int = 5) -> dict[str, float]:
-    """Median per-step time of plain ``fit`` vs ``fit`` with the LRFinder callback, as ``find_lr`` runs it.
+def sweep_cost(task: Task, sweeps=None, sweep_times=None, epoch_s=None) -> dict[str, Any]:
+    """Sweep wall time against one training epoch, and the callback's per-step overhead (:func:`step_overhead`).
 
-    The same compiled model (optimizer LR given as a schedule, like the sweep's clone) alternates between a plain
-    ``fit`` and a ``fit`` with the callback; the first steps after each (re)trace are skipped.
+    Without ``sweeps`` (the ``--cost-only`` mode) one sweep (seed 100) is run and the epoch is timed here.
+    """
+    if sweeps is None:
+        result, seconds = sweep_ours(task, 100)
+        sweeps, sweep_times, epoch_s = [result], [seconds], Trainer(task).epoch_time()
+    return {
+        "epoch_s": epoch_s,
+        "steps_per_epoch": task.steps_per_epoch,
+        "sweep_total_s": float(np.median(sweep_times)),
+        "sweep_loop_s": float(np.median([r.metadata["wall_time_s"] for r in sweeps])),
+        "sweep_steps": float(np.median([r.metadata["recorded_steps"] for r in sweeps])),
+        **step_overhead(task),
+    }
+
+
+def step_overhead(task: Task, repeats: int = 5, seconds: float = 3.0) -> dict[str, float]:
+    """Per-step time of ``fit`` with the LRFinder callback (as ``find_lr`` runs it) against ``fit`` without it.
+
+    The same compiled model (optimizer LR given as a schedule, like the sweep's clone) takes turns: a plain
+    ``fit`` (no callbacks: Keras dispatches its own callbacks asynchronously), a ``fit`` with a no-op callback that
+    makes Keras dispatch synchronously (as any per-batch callback does: this isolates the LRFinder's own work)
+    and a ``fit`` with the LRFinder, each about ``seconds`` long. A step's time is read from time stamps taken
+    in ``on_train_batch_begin`` (which does not change how Keras dispatches), from step 20 to the last one: the
+    retrace at the start of a ``fit`` is left out, the callback's periodic buffer reads are in. Overheads are
+    medians over ``repeats`` of the paired ratios, with their interquartile range.
     """
     import keras
 
     from birdnet_stm32.training.lr_finder import LRFinder
     from birdnet_stm32.training.schedules import Constant
 
-    class StepTimer(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            self.times = [time.perf_counter()]
-
+    class NoOp(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
+            pass
+
+    class StepClock(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.times = []
+
+        def on_train_batch_begin(self, batch, logs=None):
             self.times.append(time.perf_counter())
 
     model = task.build(0)
     model.compile(optimizer=make_optimizer(task.optimizer, Constant(1e-11)), loss="categorical_crossentropy")
     ds = train_dataset(task, 0)
-    plain, swept = [], []
+
+    def step_time(n: int, variant: str) -> float:
+        clock = StepClock()
+        # A range far too low to change the weights: the sweep runs every step (checked below).
+        extra = {"plain": [], "sync": [NoOp()], "finder": [LRFinder(1e-12, 1e-11, n + 10, progress=False)]}
+        model.fit(ds, epochs=1, steps_per_epoch=n, callbacks=[*extra[variant], clock], verbose=0, shuffle=False)
+        if len(clock.times) != n:
+            raise RuntimeError(f"the {variant} fit stopped after {len(clock.times)} of {n} steps")
+        return (clock.times[-1] - clock.times[20]) / (n - 21)
+
+    n = int(np.clip(seconds / step_time(60, "plain"), 60, 2000))
+    times: dict[str, list[float]] = {"plain": [], "sync": [], "finder": []}
     for _ in range(repeats):
-        for with_finder in (False, True):
-            timer = StepTimer()
-            # A range far too low to diverge: the sweep runs every step.
-            callbacks = (
-                [LRFinder(1e-12, 1e-11, num_steps=steps + 10, progress=False), timer] if with_finder else [timer]
-            )
-            model.fit(ds, epochs=1, steps_per_epoch=steps, callbacks=callbacks, verbose=0, shuffle=False)
-            (swept if with_finder else plain).append(float(np.median(np.diff(timer.times)[10:])))
-    p, s = float(np.median(plain)), float(np.median(swept))
+        for variant, out in times.items():
+            out.append(step_time(n, variant))
+    t = {k: np.array(v) for k, v in times.items()}
+
+    def overhead(base: str) -> tuple[float, list[float]]:
+        r = 100 * (t["finder"] / t[base] - 1)
+        return float(np.median(r)), [float(np.percentile(r, 25)), float(np.percentile(r, 75))]
+
+    (vs_plain, iqr_plain), (vs_sync, iqr_sync) = overhead("plain"), overhead("sync")
     return {
-        "plain_step_ms": 1000 * p,
-        "finder_step_ms": 1000 * s,
-        "overhead_pct": 100 * (s / p - 1),
-        "overhead_min_pct": 100 * (min(swept) / min(plain) - 1),
-        "overhead_runs_pct": [round(100 * (b / a - 1), 1) for a, b in zip(plain, swept, strict=True)],
+        "overhead_steps": n,
+        "plain_step_ms": 1000 * float(np.median(t["plain"])),
+        "sync_step_ms": 1000 * float(np.median(t["sync"])),
+        "finder_step_ms": 1000 * float(np.median(t["finder"])),
+        "overhead_pct": vs_plain,
+        "overhead_iqr_pct": iqr_plain,
+        "overhead_vs_sync_pct": vs_sync,
+        "overhead_vs_sync_iqr_pct": iqr_sync,
     }
 
 
@@ -538,12 +594,17 @@ def print_task(out: dict[str, Any]) -> None:
               f"{kind:>6s} {_n(s['mean_smooth_regret']):>7s}/{_n(s['worst_smooth_regret']):<6s} "
               f"{_n(s['mean_loss_regret'], 3):>12s} {s['catastrophic']:>9d} "
               f"{s['spread_std_decades']:>14.2f} / {s['spread_range_decades']:.2f}")  # fmt: skip
-    c = out["cost"]
+    print_cost(name, out["cost"])
+
+
+def print_cost(name: str, c: dict[str, Any]) -> None:
     print(f"[{name}] cost: epoch {c['epoch_s']:.2f} s ({c['steps_per_epoch']} steps); sweep {c['sweep_total_s']:.1f} s "
           f"incl. clone and tracing, {c['sweep_loop_s']:.1f} s loop ({c['sweep_steps']:.0f} steps) = "
           f"{c['sweep_total_s'] / c['epoch_s']:.1f} / {c['sweep_loop_s'] / c['epoch_s']:.1f} epochs; step "
-          f"{c['plain_step_ms']:.2f} ms plain vs {c['finder_step_ms']:.2f} ms with LRFinder: overhead "
-          f"{c['overhead_pct']:+.1f} % (median of runs), {c['overhead_min_pct']:+.1f} % (fastest runs)")  # fmt: skip
+          f"{c['finder_step_ms']:.2f} ms with LRFinder vs {c['plain_step_ms']:.2f} ms plain fit: "
+          f"{c['overhead_pct']:+.1f} % (IQR {c['overhead_iqr_pct'][0]:+.1f} .. {c['overhead_iqr_pct'][1]:+.1f}), vs "
+          f"{c['sync_step_ms']:.2f} ms with a no-op batch callback: {c['overhead_vs_sync_pct']:+.1f} % (IQR "
+          f"{c['overhead_vs_sync_iqr_pct'][0]:+.1f} .. {c['overhead_vs_sync_iqr_pct'][1]:+.1f})")  # fmt: skip
 
 
 def summarize(results: list[dict[str, Any]], smoothings) -> None:
@@ -606,6 +667,13 @@ def main(argv=None) -> int:
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="score picks on the grid only")
     parser.add_argument("--json", type=Path, help="write all figures to this JSON file")
     parser.add_argument("--plot", type=Path, help="only save the plot of one sweep (seed 100) on the first task")
+    parser.add_argument("--cost-only", action="store_true", help="only the cost figures (sweep time, overhead)")
+    parser.add_argument(
+        "--rescore",
+        type=Path,
+        help="re-score the current rules' recommendations (trained for "
+        "real) on the grids and sweeps saved by an earlier --json run, without re-running them",
+    )
     args = parser.parse_args(argv)
     args.smoothings = (5, 20)
     if args.quick:
@@ -623,6 +691,16 @@ def main(argv=None) -> int:
         result.plot(args.plot)
         print(result.summary())
         print(f"{task.notes}; sweep {seconds:.1f} s; plot written to {args.plot}")
+        return 0
+    if args.rescore:
+        for saved in json.loads(args.rescore.read_text()):
+            if saved["task"] in args.tasks.split(","):
+                rescore(makers[saved["task"]](), saved, args)
+        return 0
+    if args.cost_only:
+        for name in args.tasks.split(","):
+            if (task := makers[name]()) is not None:
+                print_cost(task.name, sweep_cost(task))
         return 0
     results = []
     for name in args.tasks.split(","):

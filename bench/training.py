@@ -29,12 +29,24 @@ from birdnet_stm32.config import Config  # noqa: E402
 from birdnet_stm32.demo import demo_config  # noqa: E402
 
 
-def time_steps(model, dataset, steps: int) -> float:
-    """Seconds per step of ``model.fit`` over ``steps`` steps, after one warm-up epoch of 3 steps."""
-    model.fit(dataset, epochs=1, steps_per_epoch=3, verbose=0, shuffle=False)
-    t0 = time.perf_counter()
-    model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
-    return (time.perf_counter() - t0) / steps
+def time_steps(model, dataset, steps: int, warmup: int = 5) -> float:
+    """Seconds per step of one ``model.fit`` over ``warmup + steps`` steps, timed after the first ``warmup``.
+
+    One ``fit`` (one iterator) for both, so the timed steps do not include filling the shuffle and prefetch
+    buffers of a fresh iterator, or tracing.
+    """
+    import keras
+
+    class StepTimes(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.times = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.times.append(time.perf_counter())
+
+    timer = StepTimes()
+    model.fit(dataset, epochs=1, steps_per_epoch=warmup + steps, verbose=0, shuffle=False, callbacks=[timer])
+    return (timer.times[-1] - timer.times[warmup - 1]) / steps
 
 
 def pipeline_overhead(name: str, cfg: Config, data_dir: Path, steps: int) -> dict:

@@ -132,3 +132,29 @@ def test_bad_data_gives_clear_errors(tmp_path, tiny_config, capsys):
     assert "class" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "r2")]) == 2
     assert "resume" in capsys.readouterr().err
+
+
+def test_mixed_noise_chunks_keep_their_uniform_share_of_the_target():
+    """Softmax targets of the training pipeline are distributions even when mixup blends in a noise chunk."""
+    from birdnet_stm32.data.dataset import Features
+    from birdnet_stm32.training.trainer import _train_dataset, class_weights
+
+    n, classes = 64, 4
+    y = np.zeros((n, classes), np.float32)
+    y[: n // 2, 0] = 1.0  # half species "a", half "no species" rows
+    features = Features(np.random.default_rng(0).random((n, 8, 8, 1), np.float32), y, np.arange(n),
+                        [f"{i}.wav" for i in range(n)], ["a", "b", "c", "d"])  # fmt: skip
+    cfg = Config.from_dict({"data": {"mixup_alpha": 1.0, "time_masks": 0, "freq_masks": 0, "gain_db": 0.0},
+                            "train": {"batch_size": 32}})  # fmt: skip
+    x_b, t_b, w_b = next(iter(_train_dataset(cfg, features, class_weights(y))))
+    t_b = t_b.numpy()
+    np.testing.assert_allclose(t_b.sum(axis=1), 1.0, atol=1e-5)
+    # Mixed species/noise rows exist and give the other classes the noise's uniform share.
+    mixed = (t_b[:, 0] > 0.3) & (t_b[:, 0] < 0.9)
+    assert mixed.any()
+    np.testing.assert_allclose(t_b[mixed, 1], (1 - t_b[mixed, 0]) / 3, atol=1e-5)
+    assert w_b.shape == (32,) and np.all(w_b.numpy() > 0)
+
+    cfg.model.multi_label = True  # sigmoid models learn "all outputs low" from all-zero rows
+    _, t_multi, _ = next(iter(_train_dataset(cfg, features, class_weights(y))))
+    assert t_multi.numpy()[:, 1:].max() == 0.0

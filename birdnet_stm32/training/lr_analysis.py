@@ -86,7 +86,7 @@ BELOW_BOTTOM = 10.0
 #: A floor reaching the last this-fraction of the planned steps (without divergence) may continue past max_lr.
 LATE_FRACTION = 0.05
 #: Ratio of the recommended schedule peak LR to the recommended constant LR (measured, see docs/lr-finder.md).
-PEAK_OVER_CONSTANT = 10**0.25
+PEAK_OVER_CONSTANT = 10**0.75
 #: Stop reasons a sweep can report.
 STOP_REASONS = ("completed", "diverged", "non_finite", "loss_scale_stall", "ended_early")
 

@@ -170,7 +170,7 @@ def class_weights(y: np.ndarray) -> np.ndarray:
 
 
 def sample_weights(y: Any, weights: np.ndarray) -> Any:
-    """Per-example weight: the label-weighted mean of the class weights (1 for "no species" rows).
+    """Per-example weight: the target-weighted mean of the class weights (1 for all-zero rows).
 
     Applied inside the ``tf.data`` pipeline after mixup, so mixed examples get mixed weights
     and multi-label rows the mean weight of their species.
@@ -191,24 +191,25 @@ def sample_weights(y: Any, weights: np.ndarray) -> Any:
 
 
 def _train_dataset(cfg: Config, train, weights: np.ndarray | None):
+    """The training pipeline: targets as the loss sees them, augmented, with per-example class weights.
+
+    "No species" rows become uniform targets for a softmax model *before* augmentation, so a noise chunk mixed
+    into a species chunk by mixup contributes its uniform share of the target instead of nothing.
+    """
+    import dataclasses
+
     import tensorflow as tf
 
     from birdnet_stm32.data.dataset import make_tf_dataset
+    from birdnet_stm32.training.callbacks import training_targets
 
-    ds = make_tf_dataset(train, cfg.train.batch_size, training=True, data_cfg=cfg.data, seed=cfg.train.seed)
-    num_classes = len(train.classes)
-    multi = cfg.model.multi_label
-
-    def finish(x, y):
-        target = y
-        if not multi:  # "no species" rows -> uniform target (see callbacks.training_targets)
-            empty = tf.reduce_sum(y, axis=-1, keepdims=True) <= 0
-            target = tf.where(empty, tf.fill(tf.shape(y), 1.0 / num_classes), y)
-        if weights is None:
-            return x, target
-        return x, target, sample_weights(y, weights)
-
-    return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    targets = dataclasses.replace(train, y=training_targets(train.y, cfg.model.multi_label))
+    ds = make_tf_dataset(targets, cfg.train.batch_size, training=True, data_cfg=cfg.data, seed=cfg.train.seed)
+    if weights is None:
+        return ds
+    return ds.map(lambda x, y: (x, y, sample_weights(y, weights)), num_parallel_calls=tf.data.AUTOTUNE).prefetch(
+        tf.data.AUTOTUNE
+    )
 
 
 def _compile(model, cfg: Config, learning_rate) -> None:
