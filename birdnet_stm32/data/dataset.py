@@ -664,4 +664,8 @@ def make_tf_dataset(
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=True,
         )
-    return ds.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    # Each pipeline op on one thread: a multi-threaded op would queue its shards into the thread pool the model's
+    # operations use, and on a few cores every shard it takes delays a whole model operation.
+    options.threading.max_intra_op_parallelism = 1
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
