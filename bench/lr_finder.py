@@ -446,7 +446,8 @@ def rescore(task: Task, saved: dict[str, Any], args) -> None:
 
     trainer = Trainer(task)
     seeds = range(min(task.train_seeds, args.train_seeds))
-    results = [LRFinderResult.from_sweep(w["lrs"], w["losses"], smoothing=5, num_steps=200) for w in saved["sweeps"]]
+    results = [LRFinderResult.from_sweep(w["lrs"], w["losses"], smoothing=w["smoothing"], num_steps=w["num_steps"])
+               for w in saved["sweeps"]]  # fmt: skip
     for name, schedule, attr in (
         ("ours_constant", "constant", "recommended_lr"),
         ("ours_peak", "cosine", "recommended_peak_lr"),
