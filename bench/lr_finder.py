@@ -27,6 +27,7 @@ Usage::
     python bench/lr_finder.py                 # everything (~30-40 min on 2 CPU cores)
     python bench/lr_finder.py --quick         # smoke run: digits only, coarse, 2 seeds (~2 min)
     python bench/lr_finder.py --tasks digits,fsdd --json out.json
+    python bench/lr_finder.py --schedules constant --train-seeds 6   # the constant grid, 6 seeds (~55 min)
     python bench/lr_finder.py --tasks birds --plot docs/img/lr_finder.png   # the guide's figure
 """
 
@@ -356,12 +357,12 @@ def run_task(task: Task, args) -> dict[str, Any]:
 
     print(f"\n=== {task.name}: {task.notes}")
     trainer = Trainer(task)
-    seeds = range(min(task.train_seeds, args.train_seeds))
+    seeds = range(args.train_seeds or task.train_seeds)
     t0 = time.perf_counter()
     lo, hi = task.grid
     grid_lrs = 10 ** np.arange(lo, hi + 1e-9, 1.0 / args.per_decade)
     grid = {s: {float(lr): [trainer.run(s, float(lr), seed) for seed in seeds] for lr in grid_lrs}
-            for s in ("constant", "cosine")}  # fmt: skip
+            for s in args.schedules}  # fmt: skip
     curves = {s: GridCurve(runs) for s, runs in grid.items()}
     grid_time = time.perf_counter() - t0
     noise_floor = {}
@@ -406,7 +407,7 @@ def run_task(task: Task, args) -> dict[str, Any]:
         "seed_peak": ("cosine", baseline, False),
     }
     scored = {name: score_pick(trainer, s, curves[s], lrs, train and args.verify, seeds)
-              for name, (s, lrs, train) in picks.items()}  # fmt: skip
+              for name, (s, lrs, train) in picks.items() if s in curves}  # fmt: skip
 
     epoch_s = trainer.epoch_time()
     out = {
@@ -424,11 +425,7 @@ def run_task(task: Task, args) -> dict[str, Any]:
             for s, c in curves.items()
         },  # fmt: skip
         "noise_floor": noise_floor,
-        "cosine_over_constant": curves["cosine"].best_lr / curves["constant"].best_lr,
-        "smoothed_cosine_over_constant": float(
-            curves["cosine"].lrs[np.argmax(curves["cosine"].smooth)]
-            / curves["constant"].lrs[np.argmax(curves["constant"].smooth)]
-        ),
+        **grid_ratios(curves),
         "sweeps": [{**r.to_dict(), "lrs": r.lrs.tolist(), "losses": r.losses.tolist()} for r in sweeps],
         "seed_rule": baseline,
         "scored": scored,
@@ -440,12 +437,23 @@ def run_task(task: Task, args) -> dict[str, Any]:
     return out
 
 
+def grid_ratios(curves: dict[str, GridCurve]) -> dict[str, float]:
+    """Grid-best cosine peak over grid-best constant LR, raw and on the smoothed grids (both grids needed)."""
+    if set(curves) != {"constant", "cosine"}:
+        return {}
+    cos, const = curves["cosine"], curves["constant"]
+    return {
+        "cosine_over_constant": cos.best_lr / const.best_lr,
+        "smoothed_cosine_over_constant": float(cos.lrs[np.argmax(cos.smooth)] / const.lrs[np.argmax(const.smooth)]),
+    }
+
+
 def rescore(task: Task, saved: dict[str, Any], args) -> None:
     """Train the current rules' recommendations on the saved sweeps and score them against the saved grids."""
     from birdnet_stm32.training.lr_analysis import LRFinderResult
 
     trainer = Trainer(task)
-    seeds = range(min(task.train_seeds, args.train_seeds))
+    seeds = range(args.train_seeds or task.train_seeds)
     results = [LRFinderResult.from_sweep(w["lrs"], w["losses"], smoothing=w["smoothing"], num_steps=w["num_steps"])
                for w in saved["sweeps"]]  # fmt: skip
     for name, schedule, attr in (
@@ -515,78 +523,69 @@ def sweep_cost(task: Task, sweeps=None, sweep_times=None, epoch_s=None) -> dict[
     }
 
 
-def step_overhead(task: Task, repeats: int = 5, seconds: float = 3.0) -> dict[str, float]:
-    """Per-step time of ``fit`` with the LRFinder callback (as ``find_lr`` runs it) against ``fit`` without it.
+def step_overhead(task: Task, pairs: int = 1000) -> dict[str, float]:
+    """Per-step cost of the LRFinder (as ``find_lr`` runs it) against the same model's plain train step.
 
-    The same compiled model (optimizer LR given as a schedule, like the sweep's clone) takes turns: a plain
-    ``fit`` (no callbacks: Keras dispatches its own callbacks asynchronously), a ``fit`` with a no-op callback that
-    makes Keras dispatch synchronously (as any per-batch callback does: this isolates the LRFinder's own work)
-    and a ``fit`` with the LRFinder, each about ``seconds`` long. A step's time is read from time stamps taken
-    in ``on_train_batch_begin`` (which does not change how Keras dispatches), from step 20 to the last one: the
-    retrace at the start of a ``fit`` is left out, the callback's periodic buffer reads are in. Overheads are
-    medians over ``repeats`` of the paired ratios, with their interquartile range.
+    The model's plain train function is traced first; then the LRFinder is installed, which traces the sweep's
+    train function (the loss recorder inside, the sweep schedule driving the LR). The two then alternate step by
+    step on the same data, the sweep's step together with the callback's own ``on_train_batch_begin`` and
+    ``on_train_batch_end`` (buffer read every 4 steps included): neighbouring steps see the same machine, so
+    this shared machine's drifts in speed, which are larger than the cost measured, cancel in each pair. The
+    overhead is the median of the paired differences over the plain step's median (interquartile range too).
+    The rest of ``fit`` (Keras' own per-step callback handling) is the same with or without the LRFinder.
     """
-    import keras
-
     from birdnet_stm32.training.lr_finder import LRFinder
     from birdnet_stm32.training.schedules import Constant
 
-    class NoOp(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            pass
-
-    class StepClock(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.times = []
-
-        def on_train_batch_begin(self, batch, logs=None):
-            self.times.append(time.perf_counter())
-
     model = task.build(0)
     model.compile(optimizer=make_optimizer(task.optimizer, Constant(1e-11)), loss="categorical_crossentropy")
-    ds = train_dataset(task, 0)
+    batches = iter(train_dataset(task, 0))
+    model.make_train_function()
+    plain = model.train_function
+    for _ in range(5):
+        float(plain(batches)["loss"])
+    # A range far too low to change the weights, and more steps than are run: the sweep never stops.
+    finder = LRFinder(1e-12, 1e-11, 2 * pairs + 100, progress=False)
+    finder.set_model(model)
+    finder.on_train_begin()
+    swept = model.train_function
 
-    def step_time(n: int, variant: str) -> float:
-        clock = StepClock()
-        # A range far too low to change the weights: the sweep runs every step (checked below).
-        extra = {"plain": [], "sync": [NoOp()], "finder": [LRFinder(1e-12, 1e-11, n + 10, progress=False)]}
-        model.fit(ds, epochs=1, steps_per_epoch=n, callbacks=[*extra[variant], clock], verbose=0, shuffle=False)
-        if len(clock.times) != n:
-            raise RuntimeError(f"the {variant} fit stopped after {len(clock.times)} of {n} steps")
-        return (clock.times[-1] - clock.times[20]) / (n - 21)
+    def sweep_step(i: int) -> None:
+        finder.on_train_batch_begin(i)
+        float(swept(batches)["loss"])
+        finder.on_train_batch_end(i)
 
-    n = int(np.clip(seconds / step_time(60, "plain"), 60, 2000))
-    times: dict[str, list[float]] = {"plain": [], "sync": [], "finder": []}
-    for _ in range(repeats):
-        for variant, out in times.items():
-            out.append(step_time(n, variant))
-    t = {k: np.array(v) for k, v in times.items()}
-
-    def overhead(base: str) -> tuple[float, list[float]]:
-        r = 100 * (t["finder"] / t[base] - 1)
-        return float(np.median(r)), [float(np.percentile(r, 25)), float(np.percentile(r, 75))]
-
-    (vs_plain, iqr_plain), (vs_sync, iqr_sync) = overhead("plain"), overhead("sync")
+    for i in range(5):
+        sweep_step(i)
+    t_plain, t_sweep = [], []
+    for i in range(pairs):
+        t0 = time.perf_counter()
+        float(plain(batches)["loss"])
+        t_plain.append(time.perf_counter() - t0)
+        model.optimizer.iterations.assign_sub(1)  # the sweep's rows follow the optimizer's step counter
+        t0 = time.perf_counter()
+        sweep_step(5 + i)
+        t_sweep.append(time.perf_counter() - t0)
+    finder.on_train_end()
+    if len(finder.losses) != pairs + 5:
+        raise RuntimeError(f"the sweep recorded {len(finder.losses)} of {pairs + 5} steps")
+    diff, base = np.array(t_sweep) - np.array(t_plain), float(np.median(t_plain))
     return {
-        "overhead_steps": n,
-        "plain_step_ms": 1000 * float(np.median(t["plain"])),
-        "sync_step_ms": 1000 * float(np.median(t["sync"])),
-        "finder_step_ms": 1000 * float(np.median(t["finder"])),
-        "overhead_pct": vs_plain,
-        "overhead_iqr_pct": iqr_plain,
-        "overhead_vs_sync_pct": vs_sync,
-        "overhead_vs_sync_iqr_pct": iqr_sync,
+        "overhead_pairs": pairs,
+        "plain_step_ms": 1000 * base,
+        "added_us": 1e6 * float(np.median(diff)),
+        "added_iqr_us": [1e6 * float(np.percentile(diff, 25)), 1e6 * float(np.percentile(diff, 75))],
+        "overhead_pct": 100 * float(np.median(diff)) / base,
     }
 
 
 def print_task(out: dict[str, Any]) -> None:
     name = out["task"]
-    g = out["grid"]
-    print(f"\n[{name}] grid best: constant {g['constant']['best_lr']:.2e} ({g['constant']['best_acc']:.1f}%), "
-          f"cosine peak {g['cosine']['best_lr']:.2e} ({g['cosine']['best_acc']:.1f}%): ratio "
-          f"{out['cosine_over_constant']:.2f} ({out['smoothed_cosine_over_constant']:.2f} on the smoothed grid); "
-          f"noise floor {out['noise_floor']['constant']:+.1f} / {out['noise_floor']['cosine']:+.1f}")  # fmt: skip
+    best = ", ".join(f"{s} {g['best_lr']:.2e} ({g['best_acc']:.1f}%, noise floor {out['noise_floor'][s]:+.1f})"
+                     for s, g in out["grid"].items())  # fmt: skip
+    ratio = (f": peak / constant {out['cosine_over_constant']:.2f} ({out['smoothed_cosine_over_constant']:.2f} on "
+             "the smoothed grids)" if "cosine_over_constant" in out else "")  # fmt: skip
+    print(f"\n[{name}] grid best: {best}{ratio}")
     print(f"[{name}] {'pick':14s} {'median lr':>10s} {'regret mean/worst':>18s} {'smoothed grid':>14s} "
           f"{'loss regret':>12s} {'catastr.':>9s} {'spread std/range (dec)':>23s}")  # fmt: skip
     for pick, s in out["scored"].items():
@@ -599,20 +598,19 @@ def print_task(out: dict[str, Any]) -> None:
 
 
 def print_cost(name: str, c: dict[str, Any]) -> None:
+    lo, hi = c["added_iqr_us"]
     print(f"[{name}] cost: epoch {c['epoch_s']:.2f} s ({c['steps_per_epoch']} steps); sweep {c['sweep_total_s']:.1f} s "
           f"incl. clone and tracing, {c['sweep_loop_s']:.1f} s loop ({c['sweep_steps']:.0f} steps) = "
-          f"{c['sweep_total_s'] / c['epoch_s']:.1f} / {c['sweep_loop_s'] / c['epoch_s']:.1f} epochs; step "
-          f"{c['finder_step_ms']:.2f} ms with LRFinder vs {c['plain_step_ms']:.2f} ms plain fit: "
-          f"{c['overhead_pct']:+.1f} % (IQR {c['overhead_iqr_pct'][0]:+.1f} .. {c['overhead_iqr_pct'][1]:+.1f}), vs "
-          f"{c['sync_step_ms']:.2f} ms with a no-op batch callback: {c['overhead_vs_sync_pct']:+.1f} % (IQR "
-          f"{c['overhead_vs_sync_iqr_pct'][0]:+.1f} .. {c['overhead_vs_sync_iqr_pct'][1]:+.1f})")  # fmt: skip
+          f"{c['sweep_total_s'] / c['epoch_s']:.1f} / {c['sweep_loop_s'] / c['epoch_s']:.1f} epochs; per step "
+          f"(median of {c['overhead_pairs']} paired steps) {c['added_us']:+.0f} us (IQR {lo:+.0f} .. {hi:+.0f}) on "
+          f"{c['plain_step_ms']:.2f} ms: {c['overhead_pct']:+.1f} %")  # fmt: skip
 
 
 def summarize(results: list[dict[str, Any]], smoothings) -> None:
     print("\n=== summary over tasks")
     tasks = [r["task"] for r in results]
     for smoothing in smoothings:
-        for schedule in ("constant", "cosine"):
+        for schedule in results[0]["grid"]:
             print(f"rule x multiplier, {schedule} schedule, smoothing {smoothing}: regret on the smoothed grid, "
                   "mean over tasks / worst sweep of any task")  # fmt: skip
             print("  multiplier " + " ".join(f"{10 ** (k / 4):>9.3g}" for k in MULTIPLIER_STEPS))
@@ -625,13 +623,13 @@ def summarize(results: list[dict[str, Any]], smoothings) -> None:
                     else:
                         cells.append(f"{np.mean([c['mean'] for c in cell]):4.1f}/{max(c['worst'] for c in cell):<4.1f}")
                 print(f"  {rule:10s} " + " ".join(cells))
-    ratios = [r["cosine_over_constant"] for r in results]
-    smoothed = [r["smoothed_cosine_over_constant"] for r in results]
-    print(
-        f"grid-best cosine peak / constant LR: {', '.join(f'{t} {x:.2f}' for t, x in zip(tasks, ratios, strict=True))} "
-        f"(geometric mean {math.exp(np.mean(np.log(ratios))):.2f}); on the smoothed grid: "
-        f"{', '.join(f'{x:.2f}' for x in smoothed)} (geometric mean {math.exp(np.mean(np.log(smoothed))):.2f})"
-    )
+    if all("cosine_over_constant" in r for r in results):
+        ratios = [r["cosine_over_constant"] for r in results]
+        smoothed = [r["smoothed_cosine_over_constant"] for r in results]
+        pairs = ", ".join(f"{t} {x:.2f}" for t, x in zip(tasks, ratios, strict=True))
+        print(f"grid-best cosine peak / constant LR: {pairs} (geometric mean {math.exp(np.mean(np.log(ratios))):.2f}); "
+              f"on the smoothed grid: {', '.join(f'{x:.2f}' for x in smoothed)} "
+              f"(geometric mean {math.exp(np.mean(np.log(smoothed))):.2f})")  # fmt: skip
     print(
         "targets per task: ours within 1 point (trained mean regret | smoothed-grid mean), 0 catastrophic, "
         "spread std <= 0.2 decades, better than the seed's rule, per-step overhead < 5 %"
@@ -639,6 +637,8 @@ def summarize(results: list[dict[str, Any]], smoothings) -> None:
     for r in results:
         sc = r["scored"]
         for kind in ("constant", "peak"):
+            if f"ours_{kind}" not in sc:
+                continue
             ours, seed = sc[f"ours_{kind}"], sc[f"seed_{kind}"]
             better = (
                 ours["mean_smooth_regret"] < seed["mean_smooth_regret"] and ours["catastrophic"] <= seed["catastrophic"]
@@ -663,7 +663,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", default="digits,digits_sgd,fsdd,birds")
     parser.add_argument("--quick", action="store_true", help="digits only, 3 points/decade, 2 sweep seeds, 1 seed")
     parser.add_argument("--sweep-seeds", type=int, default=5)
-    parser.add_argument("--train-seeds", type=int, default=3, help="at most this many training seeds per task")
+    parser.add_argument("--train-seeds", type=int, help="training seeds per grid point (default: the task's, 2-3)")
+    parser.add_argument("--schedules", default="constant,cosine", help="grids to search: constant, cosine or both")
     parser.add_argument("--per-decade", type=int, default=4)
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="score picks on the grid only")
     parser.add_argument("--json", type=Path, help="write all figures to this JSON file")
@@ -677,6 +678,7 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     args.smoothings = (5, 20)
+    args.schedules = args.schedules.split(",")
     if args.quick:
         args.tasks, args.per_decade, args.sweep_seeds, args.train_seeds = "digits", 3, 2, 1
     t0 = time.perf_counter()

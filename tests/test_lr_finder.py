@@ -296,6 +296,33 @@ def test_callback_with_a_schedule_lr_puts_the_schedule_back():
     assert int(model.optimizer.iterations.numpy()) == start + 20
 
 
+@pytest.mark.parametrize("user_lr", ["float", "schedule"])
+def test_recorded_lrs_are_the_lrs_the_optimizer_applied(user_lr):
+    def linear():
+        return keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")])
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = x @ np.array([[1.0], [-2.0], [3.0], [0.5]], "float32")
+    lr = 0.01 if user_lr == "float" else keras.optimizers.schedules.ExponentialDecay(0.01, 100, 0.9)
+    model = linear()
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse", steps_per_execution=4)
+    finder = LRFinder(min_lr=1e-3, max_lr=0.3, num_steps=20, progress=False)
+    model.fit(batches(x, y).repeat(), epochs=1, steps_per_epoch=20, callbacks=[finder], shuffle=False, verbose=0)
+    assert finder.stop_reason == "completed" and len(finder.lrs) == 20
+    if user_lr == "float":  # assigned before each execution of 4 steps
+        assert finder.lrs[:4] == [finder.lrs[0]] * 4 and finder.lrs[4] > finder.lrs[3]
+    else:  # the sweep schedule: exact per step
+        assert np.all(np.diff(finder.lrs) > 0)
+    replay = linear()  # the same steps one by one, each with the LR the finder says it ran with
+    replay.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    for i, step_lr in enumerate(finder.lrs):
+        replay.optimizer.learning_rate = step_lr
+        b = i % 4
+        replay.train_on_batch(x[16 * b : 16 * (b + 1)], y[16 * b : 16 * (b + 1)])
+    np.testing.assert_allclose(replay.get_weights()[0], model.get_weights()[0], rtol=1e-5)
+
+
 def test_run_lr_finder_returns_the_recommended_constant_lr_and_writes_the_plot(tmp_path):
     keras.utils.set_random_seed(0)
     model = dense_model()

@@ -15,14 +15,17 @@ rules, verdict) lives in :mod:`birdnet_stm32.training.lr_analysis`; this module 
 
 How the loss is measured: Keras reports the epoch's running mean in ``logs["loss"]``, and with
 ``steps_per_execution > 1`` callbacks see only every k-th step. The callback therefore wraps the model's
-``compute_loss`` so that, inside the compiled train step, the loss, the batch size and the learning rate of each
-optimizer step are written into a small buffer (one row per step, summed over replicas), which the callback reads
-after each execution. Steps that a mixed-precision loss-scale optimizer skips (non-finite gradients) do not
-advance the optimizer's iteration counter, so they neither advance the sweep nor count as divergence.
+``compute_loss`` so that, inside the compiled train step, the loss and the batch size of each optimizer step are
+written into a small buffer (one row per step, summed over replicas), which the callback reads every few steps.
+The learning rate of each step is known on the host (the sweep schedule's value, or the value assigned before the
+execution), so the train step does no extra work for it. Steps that a mixed-precision loss-scale optimizer skips
+(non-finite gradients) do not advance the optimizer's iteration counter, so they neither advance the sweep nor
+count as divergence.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import inspect
 import logging
@@ -50,9 +53,9 @@ log = logging.getLogger(__name__)
 
 #: Consecutive skipped loss-scale steps after which the sweep stops (the loss itself is no longer finite).
 MAX_SKIPPED_IN_A_ROW = 30
-#: With a schedule-driven LR the callback reads the recorded steps every this many steps (a device read costs
-#: ~0.1 ms, a lot next to a tiny model's step); stopping is then at most this many steps late, which only records
-#: a few more steps past the stop point (they are not used).
+#: The callback reads the recorded steps every this many steps (a device read costs ~30 us, a lot next to a tiny
+#: model's step); stopping on divergence is then a few steps late, which only runs a few more steps past the stop
+#: point (they are not used).
 READ_EVERY = 4
 
 
@@ -75,12 +78,12 @@ class _SweepSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
 
 class _LossRecorder:
-    """Writes loss, batch size and LR of every optimizer step into a buffer, inside the compiled train step.
+    """Writes loss and batch size of every optimizer step into a buffer, inside the compiled train step.
 
-    Row ``i < capacity`` belongs to optimizer step ``start + i`` and holds ``(loss * batch, batch, lr * batch)``
-    summed over replicas, so the global batch loss is ``row[0] / row[1]``; row ``capacity`` takes the steps past
-    the end. The last row holds ``(i, batches run, 0)`` per replica: the row of the latest step and a batch
-    counter, so one read of one variable tells the callback everything. A step that the loss-scale optimizer skips
+    Row ``i < capacity`` belongs to optimizer step ``start + i`` and holds ``(loss * batch, batch)`` summed over
+    replicas, so the global batch loss is ``row[0] / row[1]``; row ``capacity`` takes the steps past the end. The
+    last row holds ``(i, batches run)`` per replica: the row of the latest step and a batch counter, so one read of
+    one variable tells the callback everything. A step that the loss-scale optimizer skips
     does not advance ``iterations``; the next step overwrites its row, so rows below the latest one are final.
     """
 
@@ -95,7 +98,7 @@ class _LossRecorder:
             "aggregation": tf.VariableAggregation.SUM,
         }
         with model.distribute_strategy.scope():
-            self.buffer = tf.Variable(tf.zeros([capacity + 2, 3]), name="lr_finder_buffer", **sync)
+            self.buffer = tf.Variable(tf.zeros([capacity + 2, 2]), name="lr_finder_buffer", **sync)
         original = model.compute_loss
         takes_training = "training" in inspect.signature(original).parameters
 
@@ -111,22 +114,20 @@ class _LossRecorder:
         model.compute_loss = compute_loss
 
     def _record(self, x: Any, loss: Any) -> None:
-        optimizer = self.model.optimizer
         first = next(t for t in tf.nest.flatten(x) if t is not None)
         batch = tf.cast(tf.shape(first)[0], tf.float32)
         # Keras divides each replica's loss by the number of replicas (gradients are summed); undo that.
         local_loss = tf.cast(loss, tf.float32) * float(tf.distribute.get_strategy().num_replicas_in_sync)
-        lr = tf.cast(optimizer.learning_rate, tf.float32)
-        row = tf.clip_by_value(tf.cast(optimizer.iterations, tf.int64) - self.start, 0, self.capacity)
-        status = tf.stack([tf.cast(row, tf.float32), self.buffer[self.capacity + 1, 1] + 1.0, 0.0])
-        values = tf.stack([tf.stack([local_loss * batch, batch, lr * batch]), status])
+        row = tf.clip_by_value(tf.cast(self.model.optimizer.iterations, tf.int64) - self.start, 0, self.capacity)
+        status = tf.stack([tf.cast(row, tf.float32), self.buffer[self.capacity + 1, 1] + 1.0])
+        values = tf.stack([tf.stack([local_loss * batch, batch]), status])
         indices = tf.stack([row, tf.constant(self.capacity + 1, tf.int64)])[:, None]
         self.buffer.assign(tf.tensor_scatter_nd_update(self.buffer, indices, values))
 
     def read(self) -> tuple[int, int, np.ndarray]:
         """Return ``(latest_row, batches_run, buffer)``; rows below ``latest_row`` are final."""
         buffer = self.buffer.numpy()
-        latest, batches = buffer[self.capacity + 1, :2] / self.replicas
+        latest, batches = buffer[self.capacity + 1] / self.replicas
         return int(round(latest)), int(round(batches)), buffer
 
     def applied_steps(self) -> int:
@@ -201,10 +202,11 @@ class LRFinder(keras.callbacks.Callback):
         self._assign_lr = False
         self._original_lr: Any = None
         self._loss_scaled = False
-        self._next_row = 0
+        self._dispatched = 0
         self._latest = 0
         self._batches_at_progress = 0
         self._unread = 0
+        self._assigned: tuple[list[int], list[float]] = ([], [])  # (first row, LR) of every LR assignment
         self._monitor = DivergenceMonitor(smoothing)
         self._bar: Any = None
         self._t0 = 0.0
@@ -223,7 +225,8 @@ class LRFinder(keras.callbacks.Callback):
             raise LRFinderError("LRFinder: the model has no optimizer; compile it first (or use find_lr())")
         self.lrs, self.losses, self.batch_sizes = [], [], []
         self.stop_reason, self.skipped_steps = None, 0
-        self._next_row, self._latest, self._batches_at_progress, self._unread = 0, 0, 0, 0
+        self._dispatched, self._latest, self._batches_at_progress, self._unread = 0, 0, 0, 0
+        self._assigned = ([], [])
         self._monitor = DivergenceMonitor(self.smoothing)
         start = int(optimizer.iterations.numpy())
         self._loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
@@ -244,19 +247,27 @@ class LRFinder(keras.callbacks.Callback):
 
         The learning rate of optimizer step ``i`` of the sweep is ``min_lr * (max_lr / min_lr) ** (i /
         (num_steps - 1))``. With a schedule-driven optimizer the sweep schedule computes it inside the train
-        step instead, and nothing happens here.
+        step instead. Without a loss-scale optimizer no step is skipped, so the execution that brings the sweep
+        to ``num_steps`` steps is known in advance and training stops after it.
 
         Args:
             batch: Index of the batch within the epoch (unused: the sweep follows optimizer steps).
             logs: Unused.
         """
         if self._assign_lr:
-            # Without a loss-scale optimizer no step is skipped, so the next row follows the latest one.
-            row = self._recorder.applied_steps() if self._loss_scaled else self._next_row
-            self.model.optimizer.learning_rate = float(self._schedule[min(row, self.num_steps - 1)])
+            row = self._recorder.applied_steps() if self._loss_scaled else self._dispatched
+            lr = float(self._schedule[min(row, self.num_steps - 1)])
+            self.model.optimizer.learning_rate = lr
+            self._assigned[0].append(row)
+            self._assigned[1].append(lr)
+        self._dispatched += self.model.steps_per_execution
+        if not self._loss_scaled and self._dispatched >= self.num_steps:
+            self.model.stop_training = True
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         """Record LR and loss of the steps just run, apply the divergence rule, stop when done.
+
+        The recorded steps are read every 4 steps (``READ_EVERY``): one device read costs ~30 us.
 
         Args:
             batch: Index of the last batch run (unused).
@@ -266,11 +277,10 @@ class LRFinder(keras.callbacks.Callback):
             LRFinderError: The model's ``train_step`` does not call ``compute_loss``, so no loss was recorded.
         """
         self._unread += self.model.steps_per_execution
-        if not self._assign_lr and self._unread < READ_EVERY:
+        if self._unread < READ_EVERY:
             return
         self._unread = 0
         latest, batches, buffer = self._recorder.read()
-        self._next_row = latest + 1
         self._consume(buffer, latest)
         if latest > self._latest:
             self._latest, self._batches_at_progress = latest, batches
@@ -315,7 +325,7 @@ class LRFinder(keras.callbacks.Callback):
                     "self.compute_loss()"
                 )
             loss = float(buffer[i, 0]) / weight
-            self.lrs.append(float(buffer[i, 2]) / weight)
+            self.lrs.append(self._lr_of_row(i))
             self.losses.append(loss)
             self.batch_sizes.append(weight)
             reason = self._monitor.update(loss)
@@ -326,6 +336,17 @@ class LRFinder(keras.callbacks.Callback):
             smoothed = self._monitor.smoothed[-1] if self._monitor.smoothed else float("nan")
             self._bar.set_postfix_str(f"lr={self.lrs[-1]:.2e} loss={smoothed:.4g}", refresh=False)
             self._bar.update(len(self.losses) - first)
+
+    def _lr_of_row(self, row: int) -> float:
+        """The LR optimizer step ``row`` of the sweep ran with.
+
+        With a schedule it is the sweep schedule's value; with an assigned LR it is the value assigned last before
+        the execution that ran the step (a later execution overwrites the rows of skipped loss-scale steps).
+        """
+        if not self._assign_lr:
+            return float(self._schedule[row])
+        starts, lrs = self._assigned
+        return lrs[bisect.bisect_right(starts, row) - 1]
 
     def result(self, smoothing: int | None = None, metadata: dict[str, Any] | None = None) -> LRFinderResult:
         """Analyse the recorded sweep.
