@@ -24,7 +24,7 @@ Cost: the sweep's wall time against one training epoch, and the callback's per-s
 
 Usage::
 
-    python bench/lr_finder.py                 # everything (~30-40 min on 2 CPU cores)
+    python bench/lr_finder.py                 # everything (~60 min on 2 CPU cores)
     python bench/lr_finder.py --quick         # smoke run: digits only, coarse, 2 seeds (~2 min)
     python bench/lr_finder.py --tasks digits,fsdd --json out.json
     python bench/lr_finder.py --schedules constant --train-seeds 6   # the constant grid, 6 seeds (~55 min)
@@ -460,6 +460,8 @@ def rescore(task: Task, saved: dict[str, Any], args) -> None:
         ("ours_constant", "constant", "recommended_lr"),
         ("ours_peak", "cosine", "recommended_peak_lr"),
     ):
+        if schedule not in saved["grid"]:  # a --schedules run searched only the other grid
+            continue
         g = saved["grid"][schedule]
         runs = {lr: [{"acc": a / 100, "loss": loss, "diverged": loss is None or not math.isfinite(loss)}]
                 for lr, a, loss in zip(g["lrs"], g["acc"], g["loss"], strict=True)}  # fmt: skip
@@ -681,6 +683,7 @@ def main(argv=None) -> int:
     args.schedules = args.schedules.split(",")
     if args.quick:
         args.tasks, args.per_decade, args.sweep_seeds, args.train_seeds = "digits", 3, 2, 1
+    args.tasks = args.tasks.split(",")
     t0 = time.perf_counter()
     sys.path.insert(0, str(ROOT))
     import tensorflow as tf
@@ -689,7 +692,7 @@ def main(argv=None) -> int:
           f"{' '.join(argv if argv is not None else sys.argv[1:])}")  # fmt: skip
     makers = {"digits": digits_task, "digits_sgd": lambda: digits_task("sgd"), "fsdd": fsdd_task, "birds": birds_task}
     if args.plot:
-        task = makers[args.tasks.split(",")[0]]()
+        task = makers[args.tasks[0]]()
         result, seconds = sweep_ours(task, 100)
         result.plot(args.plot)
         print(result.summary())
@@ -697,16 +700,16 @@ def main(argv=None) -> int:
         return 0
     if args.rescore:
         for saved in json.loads(args.rescore.read_text()):
-            if saved["task"] in args.tasks.split(","):
+            if saved["task"] in args.tasks:
                 rescore(makers[saved["task"]](), saved, args)
         return 0
     if args.cost_only:
-        for name in args.tasks.split(","):
+        for name in args.tasks:
             if (task := makers[name]()) is not None:
                 print_cost(task.name, sweep_cost(task))
         return 0
     results = []
-    for name in args.tasks.split(","):
+    for name in args.tasks:
         task = makers[name]()
         if task is not None:
             results.append(run_task(task, args))

@@ -83,8 +83,8 @@ class _LossRecorder:
     Row ``i < capacity`` belongs to optimizer step ``start + i`` and holds ``(loss * batch, batch)`` summed over
     replicas, so the global batch loss is ``row[0] / row[1]``; row ``capacity`` takes the steps past the end. The
     last row holds ``(i, batches run)`` per replica: the row of the latest step and a batch counter, so one read of
-    one variable tells the callback everything. A step that the loss-scale optimizer skips
-    does not advance ``iterations``; the next step overwrites its row, so rows below the latest one are final.
+    one variable tells the callback everything. A step that the loss-scale optimizer skips does not advance
+    ``iterations``; the next step overwrites its row, so rows below the latest one are final.
     """
 
     def __init__(self, model: keras.Model, capacity: int, start: int):
