@@ -263,13 +263,14 @@ def train_dataset(task: Task, seed: int):
 # ---------------------------------------------------------------------------------------------------------- sweeps
 
 
-def sweep_ours(task: Task, seed: int):
+def sweep_ours(task: Task, seed: int, probe_steps: int = 0):
     from birdnet_stm32.training.lr_finder import find_lr
 
     model = task.build(seed)
     model.compile(optimizer=make_optimizer(task.optimizer, 1e-3), loss="categorical_crossentropy", metrics=["accuracy"])
     t0 = time.perf_counter()
-    result = find_lr(model, train_dataset(task, seed), max_lr=task.sweep_max_lr, seed=seed, progress=False)
+    result = find_lr(model, train_dataset(task, seed), max_lr=task.sweep_max_lr, seed=seed, progress=False,
+                     probe_steps=probe_steps)  # fmt: skip
     return result, time.perf_counter() - t0
 
 
@@ -359,23 +360,17 @@ def run_task(task: Task, args) -> dict[str, Any]:
     trainer = Trainer(task)
     seeds = range(args.train_seeds or task.train_seeds)
     t0 = time.perf_counter()
-    lo, hi = task.grid
-    grid_lrs = 10 ** np.arange(lo, hi + 1e-9, 1.0 / args.per_decade)
-    grid = {s: {float(lr): [trainer.run(s, float(lr), seed) for seed in seeds] for lr in grid_lrs}
-            for s in args.schedules}  # fmt: skip
-    curves = {s: GridCurve(runs) for s, runs in grid.items()}
+    if args.grid_from:  # the grids and noise floors of an earlier --json run
+        saved = next(r for r in json.loads(args.grid_from.read_text()) if r["task"] == task.name)
+        curves = {s: saved_curve(g) for s, g in saved["grid"].items() if s in args.schedules}
+        noise_floor = {s: saved["noise_floor"][s] for s in curves}
+    else:
+        curves, noise_floor = search_grids(task, trainer, seeds, args)
     grid_time = time.perf_counter() - t0
-    noise_floor = {}
-    for s, c in curves.items():
-        rerun = [trainer.run(s, c.best_lr, 1000 + seed) for seed in seeds]  # the grid's best, fresh seeds
-        noise_floor[s] = float(c.acc[c.best] - 100 * np.mean([r["acc"] for r in rerun]))
-        print(f"[{task.name}] grid {s:8s}: best lr {c.best_lr:.2e} acc {c.acc[c.best]:.1f}% (smoothed best "
-              f"{c.smooth.max():.1f}%); re-trained with fresh seeds: {noise_floor[s]:+.1f} points "
-              f"({len(grid_lrs)} lrs x {len(seeds)} seeds)")  # fmt: skip
 
     sweeps, baseline, sweep_times = [], [], []
     for seed in range(args.sweep_seeds):
-        result, seconds = sweep_ours(task, 100 + seed)
+        result, seconds = sweep_ours(task, 100 + seed, args.probe_steps)
         sweeps.append(result)
         sweep_times.append(seconds)
         baseline.append(sweep_seed_baseline(task, 100 + seed))
@@ -383,6 +378,10 @@ def run_task(task: Task, args) -> dict[str, Any]:
         print(f"[{task.name}] sweep seed {seed}: ok={result.ok} stop={result.stop_reason} valley={_f(s['valley'])} "
               f"min/10={_f(s['minimum'])} steepest={_f(s['steepest'])} div={_f(s['divergence'])} "
               f"| seed rule {baseline[-1]:.2e} ({seconds:.1f} s) {'; '.join(result.warnings)}")  # fmt: skip
+        if result.probes:
+            tried = zip(result.probes["lrs"], result.probes["losses"], strict=True)
+            print(f"[{task.name}]   probes {', '.join(f'{lr:.2e}: {v:.3f}' for lr, v in tried)}"
+                  f" -> constant {_f(result.recommended_lr)}")  # fmt: skip
 
     # Every rule x multiplier, read off both (smoothed) grids: how the recommendations were chosen.
     rule_table = {}
@@ -402,6 +401,7 @@ def run_task(task: Task, args) -> dict[str, Any]:
     # The recommendations (trained for real) and the seed's rule (read off the grid).
     picks = {
         "ours_constant": ("constant", [r.recommended_lr for r in sweeps], True),
+        "valley_constant": ("constant", [r.suggestions["valley"] if r.ok else None for r in sweeps], False),
         "ours_peak": ("cosine", [r.recommended_peak_lr for r in sweeps], True),
         "seed_constant": ("constant", baseline, False),
         "seed_peak": ("cosine", baseline, False),
@@ -437,6 +437,28 @@ def run_task(task: Task, args) -> dict[str, Any]:
     return out
 
 
+def search_grids(task: Task, trainer: Trainer, seeds, args) -> tuple[dict[str, GridCurve], dict[str, float]]:
+    """Grid-search the LR for every schedule; the noise floor re-trains each grid's best with fresh seeds."""
+    lo, hi = task.grid
+    grid_lrs = 10 ** np.arange(lo, hi + 1e-9, 1.0 / args.per_decade)
+    curves, noise_floor = {}, {}
+    for s in args.schedules:
+        c = curves[s] = GridCurve({float(lr): [trainer.run(s, float(lr), seed) for seed in seeds] for lr in grid_lrs})
+        rerun = [trainer.run(s, c.best_lr, 1000 + seed) for seed in seeds]
+        noise_floor[s] = float(c.acc[c.best] - 100 * np.mean([r["acc"] for r in rerun]))
+        print(f"[{task.name}] grid {s:8s}: best lr {c.best_lr:.2e} acc {c.acc[c.best]:.1f}% (smoothed best "
+              f"{c.smooth.max():.1f}%); re-trained with fresh seeds: {noise_floor[s]:+.1f} points "
+              f"({len(grid_lrs)} lrs x {len(seeds)} seeds)")  # fmt: skip
+    return curves, noise_floor
+
+
+def saved_curve(g: dict[str, Any]) -> GridCurve:
+    """A grid saved by ``--json`` (mean accuracy and loss per LR) as a :class:`GridCurve`."""
+    runs = {lr: [{"acc": a / 100, "loss": loss, "diverged": loss is None or not math.isfinite(loss)}]
+            for lr, a, loss in zip(g["lrs"], g["acc"], g["loss"], strict=True)}  # fmt: skip
+    return GridCurve(runs)
+
+
 def grid_ratios(curves: dict[str, GridCurve]) -> dict[str, float]:
     """Grid-best cosine peak over grid-best constant LR, raw and on the smoothed grids (both grids needed)."""
     if set(curves) != {"constant", "cosine"}:
@@ -462,10 +484,8 @@ def rescore(task: Task, saved: dict[str, Any], args) -> None:
     ):
         if schedule not in saved["grid"]:  # a --schedules run searched only the other grid
             continue
-        g = saved["grid"][schedule]
-        runs = {lr: [{"acc": a / 100, "loss": loss, "diverged": loss is None or not math.isfinite(loss)}]
-                for lr, a, loss in zip(g["lrs"], g["acc"], g["loss"], strict=True)}  # fmt: skip
-        s = score_pick(trainer, schedule, GridCurve(runs), [getattr(r, attr) for r in results], True, seeds)
+        curve = saved_curve(saved["grid"][schedule])
+        s = score_pick(trainer, schedule, curve, [getattr(r, attr) for r in results], True, seeds)
         print(f"[{task.name}] {name:14s} median lr {s['median_lr']:.2e}: regret {_n(s['mean_regret'])}/"
               f"{_n(s['worst_regret'])} trained, {_n(s['mean_smooth_regret'])}/{_n(s['worst_smooth_regret'])} "
               f"on the smoothed grid, catastrophic {s['catastrophic']}, "
@@ -672,6 +692,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="write all figures to this JSON file")
     parser.add_argument("--plot", type=Path, help="only save the plot of one sweep (seed 100) on the first task")
     parser.add_argument("--cost-only", action="store_true", help="only the cost figures (sweep time, overhead)")
+    parser.add_argument("--probe-steps", type=int, default=50, help="steps of each constant-LR probe (0: off)")
+    parser.add_argument("--grid-from", type=Path, help="take the grids from an earlier --json run, do not search")
     parser.add_argument(
         "--rescore",
         type=Path,

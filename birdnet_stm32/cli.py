@@ -38,6 +38,7 @@ SETTING_FLAGS: dict[str, str] = {
     "--min-lr": "train.lr_finder.min_lr",
     "--max-lr": "train.lr_finder.max_lr",
     "--num-steps": "train.lr_finder.num_steps",
+    "--probe-steps": "train.lr_finder.probe_steps",
     "--workers": "data.workers",
     "--cache-dir": "data.cache_dir",
     "--calibration-samples": "export.calibration_samples",
@@ -66,6 +67,7 @@ TRAIN_FLAGS = [
     "--min-lr",
     "--max-lr",
     "--num-steps",
+    "--probe-steps",
     "--workers",
     "--cache-dir",
 ]
@@ -78,6 +80,7 @@ FIND_LR_FLAGS = [
     "--min-lr",
     "--max-lr",
     "--num-steps",
+    "--probe-steps",
     "--sample-rate",
     "--chunk-duration",
     "--alpha",

@@ -200,12 +200,15 @@ class LRFinderConfig:
         max_lr: Last learning rate of the sweep (> min_lr).
         num_steps: Number of optimizer steps in the sweep (>= 10).
         smoothing: Span in steps of the bias-corrected EMA that smooths the per-step loss.
+        probe_steps: Steps of each constant-LR probe that picks the recommended constant LR (``0``: off, the
+            ``valley`` suggestion). Run by ``find-lr`` and by ``--find-lr`` with ``--schedule constant``.
     """
 
     min_lr: float = 1e-7
     max_lr: float = 1.0
     num_steps: int = 200
     smoothing: int = 5
+    probe_steps: int = 50
 
     def validate(self) -> None:
         """Check the sweep settings.
@@ -216,6 +219,14 @@ class LRFinderConfig:
         from birdnet_stm32.training.lr_analysis import check_sweep_args
 
         check_sweep_args(self.min_lr, self.max_lr, self.num_steps, self.smoothing)
+        if (
+            isinstance(self.probe_steps, bool)
+            or not isinstance(self.probe_steps, int)
+            or not (self.probe_steps == 0 or self.probe_steps >= 4)
+        ):
+            raise UserError(
+                f"train.lr_finder.probe_steps (--probe-steps) = {self.probe_steps} must be 0 or >= 4; try 50"
+            )
 
 
 @dataclass

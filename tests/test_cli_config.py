@@ -72,6 +72,16 @@ def test_find_lr_switch_and_nested_setting(tmp_path):
     assert cfg.train.lr_finder.num_steps == 50
 
 
+@pytest.mark.parametrize("steps", [3, -1, 2.5, True])
+def test_bad_probe_steps_are_refused(steps):
+    from birdnet_stm32.config import LRFinderConfig
+    from birdnet_stm32.errors import UserError
+
+    with pytest.raises(UserError, match="probe_steps"):
+        LRFinderConfig(probe_steps=steps).validate()
+    LRFinderConfig(probe_steps=0).validate()  # off
+
+
 def test_config_round_trip(tmp_path):
     cfg = Config()
     cfg.train.epochs = 11

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from birdnet_stm32.config import LRFinderConfig
-from birdnet_stm32.training.lr_analysis import LRFinderError, sweep_lrs
+from birdnet_stm32.training.lr_analysis import PEAK_OVER_CONSTANT, LRFinderError, sweep_lrs
 from birdnet_stm32.training.lr_finder import LRFinder, find_lr, run_lr_finder
 
 N_CLASSES = 3
@@ -198,8 +198,9 @@ def test_model_optimizer_compile_settings_and_random_states_are_left_bit_identic
     model.fit(x, y, batch_size=16, epochs=1, steps_per_epoch=3, verbose=0)  # optimizer state and iterations > 0
     keras.random.uniform((2,))  # the global Keras seed generator exists
     before = snapshot(model)
-    result = find_lr(model, (x, y), min_lr=1e-5, max_lr=10.0, num_steps=40, seed=7, progress=False)
+    result = find_lr(model, (x, y), min_lr=1e-5, max_lr=10.0, num_steps=40, seed=7, progress=False, probe_steps=8)
     assert result.losses.size > 10 and result.metadata["optimizer"]["class"] == "AdamW"
+    assert result.probes and len(result.probes["losses"]) >= 2  # the probes train the clone too
     assert "compute_loss" not in vars(model)
     assert_same(before, snapshot(model))
 
@@ -214,7 +215,7 @@ def test_find_lr_then_fit_gives_the_same_weights_as_fit_alone():
         model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="categorical_crossentropy")
         if sweep_first:
             find_lr(model, (x, y), min_lr=1e-5, max_lr=10.0, num_steps=30, progress=False)
-            find_lr(model, (x, y), min_lr=1e-5, max_lr=10.0, num_steps=30, seed=11, progress=False)
+            find_lr(model, (x, y), min_lr=1e-5, max_lr=10.0, num_steps=30, seed=11, progress=False, probe_steps=8)
         model.fit(x, y, batch_size=32, epochs=2, shuffle=True, verbose=0)  # shuffling and dropout use the seeds
         return [w.copy() for w in model.get_weights()] + [random.random(), np.random.rand(), keras.random.uniform(())]
 
@@ -233,6 +234,30 @@ def test_same_seed_gives_the_same_sweep():
     c = find_lr(model, (x, y), min_lr=1e-5, max_lr=10.0, num_steps=30, seed=6, progress=False)
     np.testing.assert_array_equal(a.losses, b.losses)
     assert not np.array_equal(a.losses[:20], c.losses[:20])
+
+
+def test_constant_lr_probes_restart_from_the_starting_weights_with_a_fresh_optimizer():
+    keras.utils.set_random_seed(0)
+    model = dense_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss="categorical_crossentropy")
+    x, y = make_data(512)
+    result = find_lr(model, batches(x, y, 32), min_lr=1e-4, max_lr=10.0, num_steps=80, seed=0, progress=False,
+                     probe_steps=20)  # fmt: skip
+    valley = result.suggestions["valley"]
+    assert result.probes["lrs"] == result.probe_lrs() and result.probes["lrs"][0] == valley
+    assert all(lr < result.suggestions["divergence"] / 2 for lr in result.probes["lrs"][1:])
+    expected = []  # each probe replayed: the model's weights, a new SGD with momentum, the batches in order
+    for lr in result.probes["lrs"]:
+        replay = dense_model()
+        replay.set_weights(model.get_weights())
+        replay.compile(optimizer=keras.optimizers.SGD(lr, momentum=0.9), loss="categorical_crossentropy")
+        rows = [slice(32 * (i % 16), 32 * (i % 16 + 1)) for i in range(20)]
+        losses = [float(replay.train_on_batch(x[r], y[r])) for r in rows]
+        expected.append(np.mean(losses[10:]))
+    np.testing.assert_allclose(result.probes["losses"], expected, rtol=1e-4)
+    assert result.recommended_lr == result.probes["picked"] == result.probes["lrs"][int(np.argmin(expected))]
+    assert result.recommended_peak_lr == pytest.approx(valley * PEAK_OVER_CONSTANT)  # the peak keeps its rule
+    assert "constant-LR probes" in result.summary() and result.to_dict()["probes"]["picked"] == result.recommended_lr
 
 
 def test_divergence_stops_the_sweep_and_nothing_is_suggested_beyond_it():
@@ -296,8 +321,10 @@ def test_callback_with_a_schedule_lr_puts_the_schedule_back():
     assert int(model.optimizer.iterations.numpy()) == start + 20
 
 
-@pytest.mark.parametrize("user_lr", ["float", "schedule"])
-def test_recorded_lrs_are_the_lrs_the_optimizer_applied(user_lr):
+@pytest.mark.parametrize("user_lr,spe", [("float", 4), ("schedule", 4), ("float", 3), ("schedule", 3)])
+def test_recorded_lrs_are_the_lrs_the_optimizer_applied(user_lr, spe):
+    """spe=3 on 4 batches per epoch: every epoch ends with a short execution of 1 step."""
+
     def linear():
         return keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")])
 
@@ -306,12 +333,16 @@ def test_recorded_lrs_are_the_lrs_the_optimizer_applied(user_lr):
     y = x @ np.array([[1.0], [-2.0], [3.0], [0.5]], "float32")
     lr = 0.01 if user_lr == "float" else keras.optimizers.schedules.ExponentialDecay(0.01, 100, 0.9)
     model = linear()
-    model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse", steps_per_execution=4)
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss="mse", steps_per_execution=spe)
     finder = LRFinder(min_lr=1e-3, max_lr=0.3, num_steps=20, progress=False)
-    model.fit(batches(x, y).repeat(), epochs=1, steps_per_epoch=20, callbacks=[finder], shuffle=False, verbose=0)
+    if spe == 4:
+        model.fit(batches(x, y).repeat(), epochs=1, steps_per_epoch=20, callbacks=[finder], shuffle=False, verbose=0)
+    else:
+        model.fit(x, y, batch_size=16, epochs=10, callbacks=[finder], shuffle=False, verbose=0)
     assert finder.stop_reason == "completed" and len(finder.lrs) == 20
-    if user_lr == "float":  # assigned before each execution of 4 steps
-        assert finder.lrs[:4] == [finder.lrs[0]] * 4 and finder.lrs[4] > finder.lrs[3]
+    assert int(model.optimizer.iterations.numpy()) < 20 + spe  # stopped at the end of the sweep
+    if user_lr == "float":  # assigned before each execution of spe steps
+        assert finder.lrs[:spe] == [finder.lrs[0]] * spe and finder.lrs[spe] > finder.lrs[spe - 1]
     else:  # the sweep schedule: exact per step
         assert np.all(np.diff(finder.lrs) > 0)
     replay = linear()  # the same steps one by one, each with the LR the finder says it ran with

@@ -59,6 +59,7 @@ def test_train_find_lr_writes_every_file_and_feeds_the_schedule(dataset, tiny_co
     info = json.loads((run / "model_config.json").read_text())
     found = info["lr_finder"]["found_lr"]
     assert found is not None and info["lr_finder"]["peak_lr"] == found
+    assert json.loads((run / "lr_finder.json").read_text())["probes"] is None  # only a constant LR is probed
     assert info["labels"] == ["alpha", "beta", "gamma"] == (run / "labels.txt").read_text().split()
     assert info["frontend"] and info["summary"]["params"] > 0
     saved = yaml.safe_load((run / "config.yaml").read_text())
@@ -70,6 +71,29 @@ def test_train_find_lr_writes_every_file_and_feeds_the_schedule(dataset, tiny_co
     assert rows[0].startswith("epoch,lr,") and len(rows) == 3
     model = keras.saving.load_model(run / "model.keras", safe_mode=True)
     assert model.output_shape == (None, 3)
+
+
+def test_find_lr_command_prints_the_suggestions_and_probes_the_constant_lr(dataset, tiny_config, tmp_path, capsys):
+    out = tmp_path / "lr"
+    code = main(["find-lr", "--data", str(dataset), "--out", str(out), "--config", str(tiny_config),
+                 "--probe-steps", "8"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0 and (out / "lr_finder.csv").is_file() and (out / "lr_finder.png").is_file()
+    saved = json.loads((out / "lr_finder.json").read_text())
+    assert saved["probes"]["steps"] == 8 and saved["recommended_lr"] == saved["probes"]["picked"]
+    assert saved["probes"]["lrs"][0] == saved["suggestions"]["valley"]
+    for text in ("valley", "divergence", "constant-LR probes (8 steps", "recommended constant LR", "schedule peak LR"):
+        assert text in printed, text
+
+
+def test_constant_schedule_trains_at_the_probed_constant_lr(dataset, tiny_config, tmp_path):
+    run = tmp_path / "run"
+    code = main(["train", "--data", str(dataset), "--out", str(run), "--config", str(tiny_config), "--find-lr",
+                 "--schedule", "constant", "--probe-steps", "8", "--epochs", "1"])  # fmt: skip
+    assert code == 0
+    probes = json.loads((run / "lr_finder.json").read_text())["probes"]
+    found = json.loads((run / "model_config.json").read_text())["lr_finder"]["found_lr"]
+    assert probes["picked"] is not None and found == pytest.approx(probes["picked"])
 
 
 def test_same_seed_gives_same_weights(dataset, tiny_config, tmp_path):

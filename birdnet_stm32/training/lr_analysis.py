@@ -42,6 +42,14 @@ The recommended constant LR is the ``valley`` suggestion; the recommended peak o
 schedule is :data:`PEAK_OVER_CONSTANT` (``10 ** 0.75``, about 5.6) times higher, just below the floor's centre:
 a schedule spends most of its steps well below its peak. Both rules and the ratio were chosen, and are checked,
 by the benchmark in ``bench/lr_finder.py`` (see ``docs/lr-finder.md``).
+
+**Constant-LR probes** (optional: ``find_lr(probe_steps=N)``, on by default for ``--schedule constant`` and
+``find-lr``). The best constant LR for a fixed budget sits anywhere from 1 to 15 times the ``valley``
+suggestion depending on the optimizer and the task, and no single landmark of one sweep predicts it. So
+:meth:`LRFinderResult.probe_lrs` lists ``valley x`` :data:`PROBE_FACTORS` (1, 2, 4, 8; kept below the divergence
+point / 2 and ``max_lr``), each is trained for ``N`` steps at that constant LR from the starting weights, and
+:meth:`LRFinderResult.with_probes` recommends the one whose mean loss over the last half of its steps is
+lowest. The schedule peak stays ``valley x PEAK_OVER_CONSTANT``.
 """
 
 from __future__ import annotations
@@ -87,6 +95,10 @@ BELOW_BOTTOM = 10.0
 LATE_FRACTION = 0.05
 #: Ratio of the recommended schedule peak LR to the recommended constant LR (measured, see docs/lr-finder.md).
 PEAK_OVER_CONSTANT = 10**0.75
+#: Multiples of the ``valley`` suggestion tried by the constant-LR probes.
+PROBE_FACTORS = (1.0, 2.0, 4.0, 8.0)
+#: Probes stay below the divergence point divided by this.
+PROBE_BELOW_DIVERGENCE = 2.0
 #: Stop reasons a sweep can report.
 STOP_REASONS = ("completed", "diverged", "non_finite", "loss_scale_stall", "ended_early")
 
@@ -314,6 +326,8 @@ class LRFinderResult:
         warnings: Conditions worth knowing that do not invalidate the result.
         metadata: Sweep settings and context (range, steps, smoothing, optimizer, batch size, seed, versions,
             wall time, ...), written into ``lr_finder.json``.
+        probes: The constant-LR probes, if any were run (:meth:`with_probes`): ``{"steps", "lrs", "losses",
+            "picked"}``, the losses being each probe's mean loss over the last half of its steps.
 
     Examples:
         >>> lrs = sweep_lrs(1e-6, 1.0, 120)
@@ -340,6 +354,7 @@ class LRFinderResult:
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    probes: dict[str, Any] | None = None
 
     @classmethod
     def from_sweep(
@@ -430,6 +445,61 @@ class LRFinderResult:
         if not self.ok:
             raise LRFinderError(self.error)
 
+    def probe_lrs(self) -> list[float]:
+        """The learning rates the constant-LR probes try: ``valley x`` :data:`PROBE_FACTORS`.
+
+        Multiples above the divergence point / :data:`PROBE_BELOW_DIVERGENCE` or above the sweep's ``max_lr``
+        are left out; the ``valley`` suggestion itself always stays.
+
+        Returns:
+            The LRs in increasing order (empty for a bad sweep).
+
+        Examples:
+            >>> lrs = sweep_lrs(1e-6, 1.0, 120)
+            >>> losses = 2.3 - 2.0 / (1 + np.exp(-3 * (np.log10(lrs) + 3.5)))
+            >>> result = LRFinderResult.from_sweep(lrs, losses)
+            >>> [round(lr / result.suggestions["valley"]) for lr in result.probe_lrs()]
+            [1, 2, 4, 8]
+        """
+        if not self.ok:
+            return []
+        valley, top = self.suggestions["valley"], float(self.lrs[-1])
+        if self.suggestions["divergence"] is not None:
+            top = min(top, self.suggestions["divergence"] / PROBE_BELOW_DIVERGENCE)
+        return [valley * f for f in PROBE_FACTORS if f == 1.0 or valley * f <= top]
+
+    def with_probes(self, lrs: Sequence[float], losses: Sequence[float], steps: int) -> LRFinderResult:
+        """The result with the constant LR chosen by probes: the LR whose probe reached the lowest loss.
+
+        Args:
+            lrs: The probed learning rates (from :meth:`probe_lrs`).
+            losses: Each probe's mean loss over the last half of its steps (non-finite: it diverged).
+            steps: Steps of each probe.
+
+        Returns:
+            A copy with ``recommended_lr`` set to the best probe and ``probes`` filled in; unchanged if no probe
+            has a finite loss (a warning says so).
+
+        Raises:
+            ValueError: ``lrs`` and ``losses`` differ in length or are empty.
+
+        Examples:
+            >>> lrs = sweep_lrs(1e-6, 1.0, 120)
+            >>> result = LRFinderResult.from_sweep(lrs, 2.3 - 2.0 / (1 + np.exp(-3 * (np.log10(lrs) + 3.5))))
+            >>> probed = result.with_probes(result.probe_lrs(), [0.9, 0.7, 0.8, float("nan")], steps=50)
+            >>> probed.recommended_lr == 2 * result.suggestions["valley"]
+            True
+        """
+        if len(lrs) != len(losses) or not len(lrs):
+            raise ValueError(f"with_probes: need as many losses as LRs (>= 1), got {len(lrs)} and {len(losses)}")
+        scores = np.array([v if math.isfinite(v) else np.inf for v in map(float, losses)])
+        probes = {"steps": int(steps), "lrs": [float(v) for v in lrs], "losses": [float(v) for v in losses]}
+        if not np.isfinite(scores).any():
+            note = "every constant-LR probe diverged; the recommended constant LR is the valley suggestion"
+            return dataclasses.replace(self, probes={**probes, "picked": None}, warnings=[*self.warnings, note])
+        picked = float(lrs[int(np.argmin(scores))])
+        return dataclasses.replace(self, recommended_lr=picked, probes={**probes, "picked": picked})
+
     def lr_for_schedule(self, schedule: str) -> float:
         """The learning rate to use for a schedule.
 
@@ -476,6 +546,7 @@ class LRFinderResult:
             "stop_step": self.stop_step,
             "stop_lr": self._stop_lr(),
             "warnings": list(self.warnings),
+            "probes": self.probes,
             "rules": {
                 "smoothing": "bias-corrected EMA, read at the lag-corrected LR",
                 "divergence_rise": DIVERGENCE_RISE,
@@ -533,6 +604,11 @@ class LRFinderResult:
         for name in SUGGESTION_RULES:
             lr = self.suggestions.get(name)
             lines.append(f"  {name:<11} {_fmt(lr):>9}   {notes[name]}")
+        if self.probes:
+            tried = ", ".join(
+                f"{_fmt(lr)}: {loss:.4g}" for lr, loss in zip(self.probes["lrs"], self.probes["losses"], strict=True)
+            )
+            lines.append(f"  constant-LR probes ({self.probes['steps']} steps, mean loss of the last half): {tried}")
         if self.ok:
             lines.append(f"  recommended constant LR      {_fmt(self.recommended_lr)}   (--schedule constant)")
             lines.append(
@@ -763,6 +839,8 @@ __all__ = [
     "MIN_POINTS",
     "NOISE_K",
     "PEAK_OVER_CONSTANT",
+    "PROBE_BELOW_DIVERGENCE",
+    "PROBE_FACTORS",
     "SCHEDULE_LR",
     "STOP_REASONS",
     "SUGGESTION_RULES",

@@ -8,7 +8,8 @@ rules, verdict) lives in :mod:`birdnet_stm32.training.lr_analysis`; this module 
 - :func:`find_lr` sweeps a **clone** of the model compiled like the original (a clone of its optimizer with the
   LR replaced, its loss, loss weights and metrics), cycles finite data, works under ``tf.distribute``
   strategies, mixed precision and ``steps_per_execution > 1``, and leaves the model, its optimizer, its compile
-  settings and every random state exactly as they were. It returns an
+  settings and every random state exactly as they were. With ``probe_steps`` it then trains short constant-LR
+  probes around the ``valley`` suggestion to pick the constant LR. It returns an
   :class:`~birdnet_stm32.training.lr_analysis.LRFinderResult`.
 - :func:`run_lr_finder` is the same sweep returning just the recommended constant learning rate.
 - :class:`LRFinder` is the Keras callback behind both; it can also be passed to your own ``model.fit``.
@@ -29,7 +30,6 @@ import bisect
 import contextlib
 import inspect
 import logging
-import math
 import platform
 import random
 import time
@@ -60,7 +60,11 @@ READ_EVERY = 4
 
 
 class _SweepSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """``min_lr * (max_lr / min_lr) ** ((step - offset) / (num_steps - 1))``, clipped to ``[min_lr, max_lr]``."""
+    """The sweep's LR of optimizer step ``step``: ``sweep_lrs(...)[step - offset]``, held at the ends.
+
+    A lookup in the table of the host's own values (``gather``), so the LR applied and the LR recorded are the
+    same number, and the train step runs 4 small ops for it instead of an ``exp`` chain.
+    """
 
     def __init__(self, min_lr: float, max_lr: float, num_steps: int, offset: int = 0):
         self.min_lr = float(min_lr)
@@ -69,9 +73,9 @@ class _SweepSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.offset = int(offset)
 
     def __call__(self, step):
-        frac = (keras.ops.cast(step, "float32") - float(self.offset)) / float(self.num_steps - 1)
-        frac = keras.ops.clip(frac, 0.0, 1.0)
-        return self.min_lr * keras.ops.exp(frac * math.log(self.max_lr / self.min_lr))
+        table = tf.constant(sweep_lrs(self.min_lr, self.max_lr, self.num_steps), tf.float32)
+        row = tf.clip_by_value(tf.cast(step, tf.int64) - self.offset, 0, self.num_steps - 1)
+        return tf.gather(table, row)
 
     def get_config(self) -> dict[str, Any]:
         return {"min_lr": self.min_lr, "max_lr": self.max_lr, "num_steps": self.num_steps, "offset": self.offset}
@@ -80,25 +84,30 @@ class _SweepSchedule(keras.optimizers.schedules.LearningRateSchedule):
 class _LossRecorder:
     """Writes loss and batch size of every optimizer step into a buffer, inside the compiled train step.
 
-    Row ``i < capacity`` belongs to optimizer step ``start + i`` and holds ``(loss * batch, batch)`` summed over
-    replicas, so the global batch loss is ``row[0] / row[1]``; row ``capacity`` takes the steps past the end. The
-    last row holds ``(i, batches run)`` per replica: the row of the latest step and a batch counter, so one read of
-    one variable tells the callback everything. A step that the loss-scale optimizer skips does not advance
-    ``iterations``; the next step overwrites its row, so rows below the latest one are final.
+    Row ``i < capacity`` belongs to optimizer step ``start + i`` and holds ``(loss, batch)``, each summed over
+    replicas; row ``capacity`` takes the steps past the end. Keras has already divided each replica's loss by the
+    number of replicas (their gradients are summed), so the sum is the mean of the replicas' batch losses: the
+    loss the optimizer step minimized. A step that the loss-scale optimizer skips does not advance
+    ``iterations``; the next step overwrites its row, so only rows below ``iterations - start`` are final,
+    and ``count_batches`` adds a counter of the batches run. Without skipped steps the rows are written in order
+    and the written rows (batch > 0) are the steps run. The write is 9 small ops: the step's row from
+    ``iterations`` and one in-place scatter.
     """
 
-    def __init__(self, model: keras.Model, capacity: int, start: int):
+    def __init__(self, model: keras.Model, capacity: int, start: int, count_batches: bool = False):
         self.model = model
         self.capacity = capacity
         self.start = start
         self.replicas = model.distribute_strategy.num_replicas_in_sync
+        self.traced = False  # set when the train step calls compute_loss (checked after the first execution)
         sync = {
             "trainable": False,
             "synchronization": tf.VariableSynchronization.ON_READ,
             "aggregation": tf.VariableAggregation.SUM,
         }
         with model.distribute_strategy.scope():
-            self.buffer = tf.Variable(tf.zeros([capacity + 2, 2]), name="lr_finder_buffer", **sync)
+            self.buffer = tf.Variable(tf.zeros([capacity + 1, 2]), name="lr_finder_buffer", **sync)
+            self.batches = tf.Variable(0.0, name="lr_finder_batches", **sync) if count_batches else None
         original = model.compute_loss
         takes_training = "training" in inspect.signature(original).parameters
 
@@ -114,24 +123,26 @@ class _LossRecorder:
         model.compute_loss = compute_loss
 
     def _record(self, x: Any, loss: Any) -> None:
+        self.traced = True
         first = next(t for t in tf.nest.flatten(x) if t is not None)
         batch = tf.cast(tf.shape(first)[0], tf.float32)
-        # Keras divides each replica's loss by the number of replicas (gradients are summed); undo that.
-        local_loss = tf.cast(loss, tf.float32) * float(tf.distribute.get_strategy().num_replicas_in_sync)
-        row = tf.clip_by_value(tf.cast(self.model.optimizer.iterations, tf.int64) - self.start, 0, self.capacity)
-        status = tf.stack([tf.cast(row, tf.float32), self.buffer[self.capacity + 1, 1] + 1.0])
-        values = tf.stack([tf.stack([local_loss * batch, batch]), status])
-        indices = tf.stack([row, tf.constant(self.capacity + 1, tf.int64)])[:, None]
-        self.buffer.assign(tf.tensor_scatter_nd_update(self.buffer, indices, values))
+        row = tf.minimum(tf.cast(self.model.optimizer.iterations, tf.int64) - self.start, self.capacity)
+        values = tf.stack([tf.cast(loss, tf.float32), batch])[None]
+        # In place; the raw op because replica-local (ON_READ) variables have no scatter_update method.
+        tf.raw_ops.ResourceScatterUpdate(resource=self.buffer.handle, indices=row[None], updates=values)
+        if self.batches is not None:
+            self.batches.assign_add(1.0)
 
-    def read(self) -> tuple[int, int, np.ndarray]:
-        """Return ``(latest_row, batches_run, buffer)``; rows below ``latest_row`` are final."""
-        buffer = self.buffer.numpy()
-        latest, batches = buffer[self.capacity + 1] / self.replicas
-        return int(round(latest)), int(round(batches)), buffer
+    def read(self) -> np.ndarray:
+        """The buffer, summed over replicas: ``(loss, batch)`` per step."""
+        return self.buffer.numpy()
+
+    def batches_run(self) -> int:
+        """Batches run since the start, skipped steps included (``count_batches`` only; a device read)."""
+        return int(round(float(self.batches.numpy()) / self.replicas))
 
     def applied_steps(self) -> int:
-        """Optimizer steps applied since the start (one more device read)."""
+        """Optimizer steps applied since the start (a device read)."""
         return int(self.model.optimizer.iterations.numpy()) - self.start
 
     def remove(self) -> None:
@@ -202,10 +213,11 @@ class LRFinder(keras.callbacks.Callback):
         self._assign_lr = False
         self._original_lr: Any = None
         self._loss_scaled = False
-        self._dispatched = 0
-        self._latest = 0
+        self._dispatched = 0  # steps dispatched: exact after a read (an epoch's last execution can run short)
+        self._latest = 0  # steps run (final rows) at the last read
         self._batches_at_progress = 0
         self._unread = 0
+        self._stop_scheduled = False
         self._assigned: tuple[list[int], list[float]] = ([], [])  # (first row, LR) of every LR assignment
         self._monitor = DivergenceMonitor(smoothing)
         self._bar: Any = None
@@ -226,6 +238,7 @@ class LRFinder(keras.callbacks.Callback):
         self.lrs, self.losses, self.batch_sizes = [], [], []
         self.stop_reason, self.skipped_steps = None, 0
         self._dispatched, self._latest, self._batches_at_progress, self._unread = 0, 0, 0, 0
+        self._stop_scheduled = False
         self._assigned = ([], [])
         self._monitor = DivergenceMonitor(self.smoothing)
         start = int(optimizer.iterations.numpy())
@@ -237,7 +250,7 @@ class LRFinder(keras.callbacks.Callback):
             if not isinstance(current, _SweepSchedule):
                 self._original_lr = current
                 optimizer.learning_rate = _SweepSchedule(self.min_lr, self.max_lr, self.num_steps, offset=start)
-        self._recorder = _LossRecorder(self.model, self.num_steps, start)
+        self._recorder = _LossRecorder(self.model, self.num_steps, start, count_batches=self._loss_scaled)
         self.model.make_train_function(force=True)
         self._bar = tqdm(total=self.num_steps, desc="LR sweep", unit="step", disable=not self.progress, leave=False)
         self._t0 = time.perf_counter()
@@ -261,13 +274,15 @@ class LRFinder(keras.callbacks.Callback):
             self._assigned[0].append(row)
             self._assigned[1].append(lr)
         self._dispatched += self.model.steps_per_execution
-        if not self._loss_scaled and self._dispatched >= self.num_steps:
-            self.model.stop_training = True
+        if not self._loss_scaled and self._dispatched >= self.num_steps and not self.model.stop_training:
+            self.model.stop_training = self._stop_scheduled = True
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         """Record LR and loss of the steps just run, apply the divergence rule, stop when done.
 
-        The recorded steps are read every 4 steps (``READ_EVERY``): one device read costs ~30 us.
+        The recorded steps are read every 4 steps (``READ_EVERY``; a device read costs ~30 us), after every
+        execution when ``steps_per_execution > 1`` (an epoch's last execution can run fewer steps) and before
+        a scheduled stop.
 
         Args:
             batch: Index of the last batch run (unused).
@@ -276,41 +291,62 @@ class LRFinder(keras.callbacks.Callback):
         Raises:
             LRFinderError: The model's ``train_step`` does not call ``compute_loss``, so no loss was recorded.
         """
-        self._unread += self.model.steps_per_execution
-        if self._unread < READ_EVERY:
+        spe = self.model.steps_per_execution
+        self._unread += spe
+        if self._unread < READ_EVERY and spe == 1 and not self._stop_scheduled:
             return
         self._unread = 0
-        latest, batches, buffer = self._recorder.read()
-        self._consume(buffer, latest)
-        if latest > self._latest:
-            self._latest, self._batches_at_progress = latest, batches
-        if self.stop_reason is None and batches - self._batches_at_progress > MAX_SKIPPED_IN_A_ROW:
-            self.stop_reason = "loss_scale_stall"
-        if self.stop_reason is None and latest >= self.num_steps:
-            self.stop_reason = "completed"
+        self._read()
         if self.stop_reason is not None:
             self.model.stop_training = True
+        elif self._stop_scheduled:  # the execution ran short (end of the data): go on
+            self.model.stop_training = self._stop_scheduled = False
 
     def on_train_end(self, logs: dict | None = None) -> None:
-        """Record the last step, remove the sweep and restore the optimizer's LR and the model's ``compute_loss``.
+        """Record the last steps, remove the sweep and restore the optimizer's LR and the model's ``compute_loss``.
 
         Args:
             logs: Unused.
         """
         self.wall_time = time.perf_counter() - self._t0
-        applied = self._recorder.applied_steps()
-        _, batches, buffer = self._recorder.read()
-        self._consume(buffer, applied)
-        self.skipped_steps = batches - applied
+        try:
+            self._read()
+        finally:
+            self._recorder.remove()
+            self._recorder = None
+            if self._original_lr is not None:  # a float for an LR variable, else the user's schedule
+                self.model.optimizer.learning_rate = self._original_lr
+                self._original_lr = None
+            self.model.make_train_function(force=True)
+            self._bar.close()
         if self.stop_reason is None:
-            self.stop_reason = "completed" if applied >= self.num_steps else "ended_early"
-        self._recorder.remove()
-        self._recorder = None
-        if self._original_lr is not None:  # a float for an LR variable, else the user's schedule
-            self.model.optimizer.learning_rate = self._original_lr
-            self._original_lr = None
-        self.model.make_train_function(force=True)
-        self._bar.close()
+            self.stop_reason = "ended_early"
+
+    def _read(self) -> None:
+        """Read the buffer: take the final rows, count skipped steps, decide whether the sweep is done."""
+        buffer = self._recorder.read()
+        if not self._recorder.traced:
+            raise LRFinderError(
+                "LRFinder: no loss was recorded for a training step; the model's train_step must call "
+                "self.compute_loss()"
+            )
+        if self._loss_scaled:
+            steps, batches = self._recorder.applied_steps(), self._recorder.batches_run()
+        else:  # rows are written in order: the written ones are the steps run
+            steps = self._latest
+            while steps < self.num_steps and buffer[steps, 1] > 0:
+                steps += 1
+            if steps < self.num_steps:  # (past the end all steps write the overflow row)
+                self._dispatched = steps
+            batches = steps
+        self._consume(buffer, steps)
+        self.skipped_steps = batches - steps
+        if steps > self._latest:
+            self._latest, self._batches_at_progress = steps, batches
+        if self.stop_reason is None and batches - self._batches_at_progress > MAX_SKIPPED_IN_A_ROW:
+            self.stop_reason = "loss_scale_stall"
+        if self.stop_reason is None and steps >= self.num_steps:
+            self.stop_reason = "completed"
 
     def _consume(self, buffer: np.ndarray, final_rows: int) -> None:
         """Take the final rows not seen yet, feed the divergence rule and the progress bar."""
@@ -318,17 +354,10 @@ class LRFinder(keras.callbacks.Callback):
             return
         first = len(self.losses)
         for i in range(first, min(final_rows, self.num_steps)):
-            weight = float(buffer[i, 1])
-            if weight <= 0:
-                raise LRFinderError(
-                    "LRFinder: no loss was recorded for a training step; the model's train_step must call "
-                    "self.compute_loss()"
-                )
-            loss = float(buffer[i, 0]) / weight
             self.lrs.append(self._lr_of_row(i))
-            self.losses.append(loss)
-            self.batch_sizes.append(weight)
-            reason = self._monitor.update(loss)
+            self.losses.append(float(buffer[i, 0]))
+            self.batch_sizes.append(float(buffer[i, 1]))
+            reason = self._monitor.update(self.losses[-1])
             if reason:
                 self.stop_reason = reason
                 break
@@ -425,6 +454,7 @@ def find_lr(
     strategy: tf.distribute.Strategy | None = None,
     steps_per_execution: int | None = None,
     progress: bool = True,
+    probe_steps: int = 0,
 ) -> LRFinderResult:
     """Run an LR range test on a clone of ``model`` and return everything it found.
 
@@ -452,6 +482,10 @@ def find_lr(
         steps_per_execution: Steps per compiled call (default: the model's own, else 1). Under a multi-replica
             strategy Keras 3 cannot run more than 1 (keras-team/keras#19246); the sweep then uses 1 and warns.
         progress: Show a progress bar with step, learning rate and smoothed loss.
+        probe_steps: If > 0, after a good sweep train the clone for this many steps at each constant LR of
+            :meth:`~birdnet_stm32.training.lr_analysis.LRFinderResult.probe_lrs` (from the starting weights and
+            a fresh optimizer each time) and recommend as constant LR the one with the lowest mean loss over the
+            last half of its steps (about ``4 x probe_steps`` more steps; measured in ``docs/lr-finder.md``).
 
     Returns:
         The :class:`~birdnet_stm32.training.lr_analysis.LRFinderResult`: arrays, every rule's suggestion,
@@ -473,6 +507,8 @@ def find_lr(
         True
     """
     check_sweep_args(min_lr, max_lr, num_steps, smoothing)
+    if isinstance(probe_steps, bool) or not isinstance(probe_steps, int) or not (probe_steps == 0 or probe_steps >= 4):
+        raise LRFinderError(f"find_lr: probe_steps (--probe-steps) = {probe_steps} must be 0 (off) or >= 4; try 50")
     strategy = strategy or model.distribute_strategy
     compiled = bool(getattr(model, "compiled", False)) and model.optimizer is not None
     extra_warnings = []
@@ -492,28 +528,38 @@ def find_lr(
             optimizer = _clone_optimizer(model.optimizer if compiled else None, schedule)
             clone.compile(**_compile_kwargs(model if compiled else None, optimizer, loss_fn, spe))
         finder = LRFinder(min_lr, max_lr, num_steps, smoothing=smoothing, progress=progress)
+        start: list[np.ndarray] = []  # the clone's weights when the sweep starts (built by then)
+        snapshot = keras.callbacks.LambdaCallback(on_train_begin=lambda _: start.extend(clone.get_weights()))
         clone.fit(
             dataset,
             epochs=1,
             steps_per_epoch=2 * num_steps + MAX_SKIPPED_IN_A_ROW,
             shuffle=False,
             verbose=0,
-            callbacks=[finder],
+            callbacks=[snapshot, finder],
         )
-    result = finder.result(
-        metadata={
-            "seed": seed,
-            "optimizer": _optimizer_info(clone.optimizer),
-            "loss": _describe(clone.loss),
-            "model_compiled": compiled,
-            "steps_per_execution": spe,
-            "replicas": strategy.num_replicas_in_sync,
-            "dtype_policy": clone.dtype_policy.name,
-            "step_time_ms": round(1000 * finder.wall_time / max(len(finder.losses), 1), 2),
-            "total_time_s": round(time.perf_counter() - t0, 3),
-            "versions": _versions(),
-        }
-    )
+        result = finder.result(
+            metadata={
+                "seed": seed,
+                "optimizer": _optimizer_info(clone.optimizer),
+                "loss": _describe(clone.loss),
+                "model_compiled": compiled,
+                "steps_per_execution": spe,
+                "replicas": strategy.num_replicas_in_sync,
+                "dtype_policy": clone.dtype_policy.name,
+                "step_time_ms": round(1000 * finder.wall_time / max(len(finder.losses), 1), 2),
+                "total_time_s": round(time.perf_counter() - t0, 3),
+                "versions": _versions(),
+            }
+        )
+        if probe_steps and result.ok:
+            with strategy.scope():
+                optimizer = _clone_optimizer(model.optimizer if compiled else None, 1e-3)
+                clone.compile(**_compile_kwargs(model if compiled else None, optimizer, loss_fn, spe))
+                lrs = result.probe_lrs()
+                losses = _probe(clone, dataset, lrs, probe_steps, start, progress)
+            result = result.with_probes(lrs, losses, probe_steps)
+            result.metadata["total_time_s"] = round(time.perf_counter() - t0, 3)
     result.warnings.extend(extra_warnings)
     if result.ok:
         log.info(
@@ -562,6 +608,29 @@ def run_lr_finder(
     result.raise_for_status()
     log.info("Suggested LR: %.2e", result.recommended_lr)
     return float(result.recommended_lr)
+
+
+def _probe(
+    clone: keras.Model, dataset: tf.data.Dataset, lrs: list[float], steps: int, start: list[np.ndarray], progress: bool
+) -> list[float]:
+    """Train ``clone`` for ``steps`` steps at each constant LR from the weights ``start`` and a fresh optimizer.
+
+    Returns each run's mean loss over its last ``steps // 2`` steps (Keras' own epoch mean of the second of two
+    epochs; the first epoch is the run-in).
+    """
+    optimizer = clone.optimizer
+    optimizer.build(clone.trainable_variables)
+    fresh = [v.numpy() for v in optimizer.variables]
+    half = steps // 2
+    losses = []
+    for lr in tqdm(lrs, desc="LR probes", unit="probe", disable=not progress, leave=False):
+        clone.set_weights(start)
+        for var, value in zip(optimizer.variables, fresh, strict=True):
+            var.assign(value)
+        _inner_optimizer(optimizer).learning_rate = lr
+        history = clone.fit(dataset, epochs=2, steps_per_epoch=half, shuffle=False, verbose=0).history
+        losses.append(float(history["loss"][-1]))
+    return losses
 
 
 def _inner_optimizer(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:

@@ -224,11 +224,12 @@ def _compile(model, cfg: Config, learning_rate) -> None:
     )
 
 
-def _find_lr(model, cfg: Config, train_set, weights: np.ndarray | None, run_dir: Path, strategy):
+def _find_lr(model, cfg: Config, train_set, weights: np.ndarray | None, run_dir: Path, strategy, probe: bool):
     """Run the LR range test on the training pipeline without augmentation.
 
     Mixup, masks and random gain add batch-to-batch loss noise that hides the loss's fall;
-    the sweep measures how the loss of the real data responds to the learning rate.
+    the sweep measures how the loss of the real data responds to the learning rate. With ``probe`` the
+    constant-LR probes pick the recommended constant LR.
     """
     import dataclasses
 
@@ -248,6 +249,7 @@ def _find_lr(model, cfg: Config, train_set, weights: np.ndarray | None, run_dir:
         batch_size=cfg.train.batch_size,
         seed=cfg.train.seed,
         strategy=strategy,
+        probe_steps=f.probe_steps if probe else 0,
     )
     result.save(run_dir)
     return result
@@ -278,7 +280,7 @@ def run_find_lr(cfg: Config, data_dir: str | Path, out_dir: str | Path) -> LRFin
         model = build_model(cfg.audio, cfg.model, len(train_set.classes))
         _compile(model, cfg, DEFAULT_LR)
     weights = class_weights(train_set.y) if cfg.train.class_weights else None
-    result = _find_lr(model, cfg, train_set, weights, out_dir, strategy)
+    result = _find_lr(model, cfg, train_set, weights, out_dir, strategy, probe=True)
     log.info("LR finder files written to %s", out_dir)
     return result
 
@@ -429,7 +431,7 @@ def _choose_lr(model, cfg: Config, train_set, weights, run_dir: Path, strategy) 
     with strategy.scope():
         # The sweep clones this optimizer (class and hyperparameters) and replaces its LR.
         _compile(model, cfg, build_schedule(cfg.train.schedule, DEFAULT_LR, 100, 1))
-    result = _find_lr(model, cfg, train_set, weights, run_dir, strategy)
+    result = _find_lr(model, cfg, train_set, weights, run_dir, strategy, probe=cfg.train.schedule == "constant")
     print(result.summary())
     if not result.ok:
         if cfg.train.lr > 0:
