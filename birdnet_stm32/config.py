@@ -218,15 +218,7 @@ class LRFinderConfig:
         """
         from birdnet_stm32.training.lr_analysis import check_sweep_args
 
-        check_sweep_args(self.min_lr, self.max_lr, self.num_steps, self.smoothing)
-        if (
-            isinstance(self.probe_steps, bool)
-            or not isinstance(self.probe_steps, int)
-            or not (self.probe_steps == 0 or self.probe_steps >= 4)
-        ):
-            raise UserError(
-                f"train.lr_finder.probe_steps (--probe-steps) = {self.probe_steps} must be 0 or >= 4; try 50"
-            )
+        check_sweep_args(self.min_lr, self.max_lr, self.num_steps, self.smoothing, self.probe_steps)
 
 
 @dataclass

@@ -381,6 +381,8 @@ def test_bad_inputs_raise_clear_errors():
         find_lr(model, (x, y), min_lr=0.0)
     with pytest.raises(LRFinderError, match="num_steps"):
         find_lr(model, (x, y), num_steps=5)
+    with pytest.raises(LRFinderError, match="probe_steps"):
+        find_lr(model, (x, y), probe_steps=2)
     with pytest.raises(LRFinderError, match="single examples"):
         find_lr(model, tf.data.Dataset.from_tensor_slices((x, y)), progress=False)
     with pytest.raises(LRFinderError, match="empty"):

@@ -117,14 +117,15 @@ max_lr (--max-lr) = 0.0001; try min_lr=1e-07, max_lr=1
     """
 
 
-def check_sweep_args(min_lr: float, max_lr: float, num_steps: int, smoothing: int = 5) -> None:
-    """Validate the range, length and smoothing of a sweep.
+def check_sweep_args(min_lr: float, max_lr: float, num_steps: int, smoothing: int = 5, probe_steps: int = 0) -> None:
+    """Validate the range, length and smoothing of a sweep, and the length of its constant-LR probes.
 
     Args:
         min_lr: First learning rate; must be finite and > 0.
         max_lr: Last learning rate; must be finite and > ``min_lr``.
         num_steps: Number of optimizer steps; must be an integer >= 10.
         smoothing: EMA span in steps; must be an integer >= 1 and below ``num_steps``.
+        probe_steps: Steps of each constant-LR probe; must be ``0`` (no probes) or an integer >= 4.
 
     Raises:
         LRFinderError: An argument is invalid; the message names it and suggests a value.
@@ -151,6 +152,14 @@ number > 0; try min_lr=1e-07
     if isinstance(smoothing, bool) or not isinstance(smoothing, (int, np.integer)) or not 1 <= smoothing < num_steps:
         raise LRFinderError(
             f"LR finder: smoothing = {smoothing} must be an integer from 1 to num_steps - 1 ({num_steps - 1}); try 5"
+        )
+    if (
+        isinstance(probe_steps, bool)
+        or not isinstance(probe_steps, (int, np.integer))
+        or not (probe_steps == 0 or probe_steps >= 4)
+    ):
+        raise LRFinderError(
+            f"LR finder: probe_steps (--probe-steps) = {probe_steps} must be 0 (no probes) or an integer >= 4; try 50"
         )
 
 
@@ -623,8 +632,9 @@ class LRFinderResult:
         """Plot loss against learning rate with every suggestion and the stop point marked.
 
         Raw per-step losses are drawn faintly, the smoothed curve at its lag-corrected LR boldly; each rule's
-        LR is a vertical line, the recommendations are marked on the curve, and the region past the stop point
-        is shaded. The LR axis is logarithmic; the loss axis is clipped so the blow-up does not hide the valley.
+        LR is a vertical line, the recommendations are marked on the curve, the constant-LR probes (if any) are
+        squares at their loss, and the region past the stop point is shaded. The LR axis is logarithmic; the
+        loss axis is clipped so the blow-up does not hide the valley.
 
         Args:
             path: Save the figure here (PNG, atomically); ``None`` shows it (interactive use).
@@ -658,6 +668,10 @@ class LRFinderResult:
             if lr is not None and self.smoothed.size:
                 y = float(np.interp(np.log10(lr), np.log10(self.smoothed_lrs), self.smoothed))
                 ax.plot([lr], [y], marker=marker, color="black", ms=9, ls="none", label=f"recommended {text}: {lr:.2g}")
+        probe_lrs, probe_losses = self._probe_points()
+        if probe_lrs.size:
+            ax.plot(probe_lrs, probe_losses, color="tab:brown", marker="s", ms=6, ls="--", lw=1,
+                    label=f"constant-LR probes ({self.probes['steps']} steps)")  # fmt: skip
         if self.valley_floor is not None:
             ax.axvspan(*self.valley_floor, color="tab:green", alpha=0.12, label="valley floor")
         stop_lr = self._stop_lr()
@@ -669,6 +683,7 @@ class LRFinderResult:
         ax.set_xlim(self.lrs[0] / 1.5 if self.lrs.size else None, self.lrs[-1] * 1.5 if self.lrs.size else None)
         if self.smoothed.size:
             low, high = float(np.min(self.smoothed)), float(np.max(self.smoothed[: int(np.argmin(self.smoothed)) + 1]))
+            low = min(low, float(np.min(probe_losses))) if probe_losses.size else low
             pad = max(high - low, 1e-3 * max(abs(high), 1.0))
             ax.set_ylim(low - 0.15 * pad, high + 0.35 * pad)
         ax.set_xlabel("learning rate (log scale)")
@@ -686,6 +701,13 @@ class LRFinderResult:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
+
+    def _probe_points(self) -> tuple[np.ndarray, np.ndarray]:
+        """LRs and losses of the probes with a finite loss (empty without probes)."""
+        if not self.probes:
+            return np.empty(0), np.empty(0)
+        lrs, losses = np.array(self.probes["lrs"], float), np.array(self.probes["losses"], float)
+        return lrs[np.isfinite(losses)], losses[np.isfinite(losses)]
 
     def _stop_lr(self) -> float | None:
         if self.stop_reason == "completed" or self.stop_step is None or not self.lrs.size:

@@ -506,9 +506,7 @@ def find_lr(
         >>> result.ok and result.recommended_lr < result.recommended_peak_lr
         True
     """
-    check_sweep_args(min_lr, max_lr, num_steps, smoothing)
-    if isinstance(probe_steps, bool) or not isinstance(probe_steps, int) or not (probe_steps == 0 or probe_steps >= 4):
-        raise LRFinderError(f"find_lr: probe_steps (--probe-steps) = {probe_steps} must be 0 (off) or >= 4; try 50")
+    check_sweep_args(min_lr, max_lr, num_steps, smoothing, probe_steps)
     strategy = strategy or model.distribute_strategy
     compiled = bool(getattr(model, "compiled", False)) and model.optimizer is not None
     extra_warnings = []
