@@ -1,14 +1,21 @@
 """Benchmark of the LR finder: regret against a grid search, stability across seeds, and cost.
 
 For every task the learning rate is grid-searched on a fixed short training budget (4 points per decade, 2-3
-training seeds) for a constant schedule and for the project's warmup + cosine schedule; a run is scored like the
-trainer keeps its model: the best validation accuracy over the epochs (and the validation loss of that epoch).
-Then the LR range test runs with 5 sweep seeds, and every suggestion is scored by its *regret*: the grid's best
-validation accuracy minus the accuracy at the suggested LR, in points. The recommended values are trained for
-real (same training seeds as the grid); every rule is also read off the grid curve (interpolated in log LR, after
-a light 3-point smoothing that tames the winner's curse of a noisy grid). The noise floor is the regret of the
-grid's own best LR re-trained with fresh seeds. The seed implementation (moving average of Keras' running-mean
-loss, steepest gradient, Adam recompile) is re-implemented here as the baseline.
+training seeds, more with ``--train-seeds``) for a constant schedule and for the project's warmup + cosine
+schedule; a run is scored like the trainer keeps its model: the best validation accuracy over the epochs (and
+the validation loss of that epoch). Then the LR range test runs with 5 sweep seeds (``--sweep-seeds``), and every
+suggestion is scored by its *regret* in accuracy points, two ways:
+
+- *trained*: each recommended LR is trained on fresh seeds (``--verify-seeds``, default the task's) and compared
+  with the grid's best LR trained on as many fresh seeds as all the picks together (the *reference*: what the
+  grid search really delivers, free of the winner's curse of picking the luckiest grid point); with its
+  standard error. The grid's best accuracy minus the reference's is the *noise floor*.
+- *smoothed grid*: every rule (and every multiple of it) is read off the grid curve, interpolated in log LR
+  after a light 3-point smoothing that tames the winner's curse of a noisy grid.
+
+For a constant schedule the constant-LR probes (``--probe-steps``) pick the recommendation; the ways of reading
+them are compared on the grid too. The seed implementation (moving average of Keras' running-mean loss,
+steepest gradient, Adam recompile) is re-implemented here as the baseline.
 
 Tasks (AdamW, weight decay 1e-4, batch 32 — the project's defaults):
 
@@ -24,10 +31,12 @@ Cost: the sweep's wall time against one training epoch, and the callback's per-s
 
 Usage::
 
-    python bench/lr_finder.py                 # everything (~60 min on 2 CPU cores)
+    python bench/lr_finder.py                 # everything, default seeds (~2 h on 2 CPU cores)
     python bench/lr_finder.py --quick         # smoke run: digits only, coarse, 2 seeds (~2 min)
-    python bench/lr_finder.py --tasks digits,fsdd --json out.json
-    python bench/lr_finder.py --schedules constant --train-seeds 6   # the constant grid, 6 seeds (~55 min)
+    python bench/lr_finder.py --schedules constant --train-seeds 6 --json const.json   # the constant grids
+    python bench/lr_finder.py --schedules constant --grid-from const.json --sweep-seeds 10 --json c.json
+    python bench/lr_finder.py --report c.json cosine.json   # the summary tables of saved runs, merged
+    python bench/lr_finder.py --cost-only     # sweep time and per-step overhead (run it alone)
     python bench/lr_finder.py --tasks birds --plot docs/img/lr_finder.png   # the guide's figure
 """
 
@@ -70,6 +79,7 @@ class Task:
     batch_size: int = 32
     grid: tuple[float, float] = (-4.5, 0.0)  # log10 LR range of the grid
     train_seeds: int = 2
+    verify_seeds: int = 6  # fresh seeds for the reference and every trained pick
     sweep_max_lr: float = 1.0
     notes: str = ""
     init_cache: dict = field(default_factory=dict)
@@ -113,7 +123,7 @@ def digits_task(optimizer="adamw") -> Task:
     val, train = order[:360], order[360:]
     sgd = optimizer == "sgd"
     return Task(f"digits{'_sgd' if sgd else ''}", x[train], y[train], x[val], y[val], small_cnn((8, 8, 1), 10),
-                epochs=4, optimizer=optimizer, grid=(-3.5, 1.0) if sgd else (-4.5, 0.0), train_seeds=3,
+                epochs=4, optimizer=optimizer, grid=(-3.5, 1.0) if sgd else (-4.5, 0.0), train_seeds=3, verify_seeds=24,
                 sweep_max_lr=10.0 if sgd else 1.0,
                 notes=f"sklearn digits 8x8, 1437 train / 360 val, CNN 16-32, {optimizer}, 4 epochs"
                       + (", swept to max_lr=10" if sgd else ""))  # fmt: skip
@@ -149,8 +159,9 @@ def fsdd_task() -> Task | None:
     y = keras.utils.to_categorical(data["labels"], 10).astype("float32")
     test = data["index"] < 5  # the dataset's official test split: recordings 0-4 of every speaker and digit
     return Task("fsdd", x[~test], y[~test], x[test], y[test], small_cnn((32, 32, 1), 10, (16, 32, 64), pool=True),
-                epochs=3, notes="FSDD (real speech, 8 kHz), 2700 train / 300 official test, log-mel 32x32, "
-                                "CNN 16-32-64, adamw, 3 epochs")  # fmt: skip
+                epochs=3, verify_seeds=12,
+                notes="FSDD (real speech, 8 kHz), 2700 train / 300 official test, log-mel 32x32, CNN 16-32-64, adamw, "
+                      "3 epochs")  # fmt: skip
 
 
 def birds_task() -> Task:
@@ -360,13 +371,15 @@ def run_task(task: Task, args) -> dict[str, Any]:
     trainer = Trainer(task)
     seeds = range(args.train_seeds or task.train_seeds)
     t0 = time.perf_counter()
-    if args.grid_from:  # the grids and noise floors of an earlier --json run
+    if args.grid_from:  # the grids of an earlier --json run
         saved = next(r for r in json.loads(args.grid_from.read_text()) if r["task"] == task.name)
         curves = {s: saved_curve(g) for s, g in saved["grid"].items() if s in args.schedules}
-        noise_floor = {s: saved["noise_floor"][s] for s in curves}
     else:
-        curves, noise_floor = search_grids(task, trainer, seeds, args)
+        curves = search_grids(task, trainer, seeds, args)
     grid_time = time.perf_counter() - t0
+    fresh = range(1000, 1000 + (args.verify_seeds or task.verify_seeds))
+    many = range(1000, 1000 + len(fresh) * args.sweep_seeds)  # as many runs as all picks together
+    reference = {s: reference_runs(trainer, s, c, many) for s, c in curves.items()} if args.verify else {}
 
     sweeps, baseline, sweep_times = [], [], []
     for seed in range(args.sweep_seeds):
@@ -398,6 +411,25 @@ def run_task(task: Task, args) -> dict[str, Any]:
                         "missing": len(analysed) - len(picks),
                     }
 
+    # Every way of reading the constant-LR probes, off the constant grid: how the probes' rule was chosen.
+    probe_table = {}
+    if "constant" in curves and any(r.probes for r in sweeps):
+        picks_by_rule: dict[str, list[float]] = {}
+        for r in sweeps:
+            for rule, lr in probe_picks(r).items():
+                picks_by_rule.setdefault(rule, []).append(lr)
+        for rule, lrs in picks_by_rule.items():
+            regrets = [curves["constant"].regret(lr)["smooth_regret"] for lr in lrs]
+            probe_table[rule] = {
+                "mean": float(np.mean(regrets)),
+                "worst": float(np.max(regrets)),
+                "spread": float(np.std(np.log10(lrs))),
+                "median_lr": float(10 ** np.median(np.log10(lrs))),
+            }
+            print(f"[{task.name}] probe rule {rule:16s} median {probe_table[rule]['median_lr']:.2e}: smoothed-grid "
+                  f"regret {probe_table[rule]['mean']:.1f}/{probe_table[rule]['worst']:.1f}, "
+                  f"spread {probe_table[rule]['spread']:.2f} dec.")  # fmt: skip
+
     # The recommendations (trained for real) and the seed's rule (read off the grid).
     picks = {
         "ours_constant": ("constant", [r.recommended_lr for r in sweeps], True),
@@ -406,7 +438,7 @@ def run_task(task: Task, args) -> dict[str, Any]:
         "seed_constant": ("constant", baseline, False),
         "seed_peak": ("cosine", baseline, False),
     }
-    scored = {name: score_pick(trainer, s, curves[s], lrs, train and args.verify, seeds)
+    scored = {name: score_pick(trainer, s, curves[s], lrs, reference.get(s) if train else None, fresh)
               for name, (s, lrs, train) in picks.items() if s in curves}  # fmt: skip
 
     epoch_s = trainer.epoch_time()
@@ -424,12 +456,14 @@ def run_task(task: Task, args) -> dict[str, Any]:
             }
             for s, c in curves.items()
         },  # fmt: skip
-        "noise_floor": noise_floor,
+        "reference": reference,
+        "noise_floor": {sch: noise_floor(curves[sch], ref) for sch, ref in reference.items()},
         **grid_ratios(curves),
         "sweeps": [{**r.to_dict(), "lrs": r.lrs.tolist(), "losses": r.losses.tolist()} for r in sweeps],
         "seed_rule": baseline,
         "scored": scored,
         "rule_table": rule_table,
+        "probe_table": probe_table,
         "cost": sweep_cost(task, sweeps, sweep_times, epoch_s),
         "grid_time_s": grid_time,
     }
@@ -437,19 +471,49 @@ def run_task(task: Task, args) -> dict[str, Any]:
     return out
 
 
-def search_grids(task: Task, trainer: Trainer, seeds, args) -> tuple[dict[str, GridCurve], dict[str, float]]:
-    """Grid-search the LR for every schedule; the noise floor re-trains each grid's best with fresh seeds."""
+def probe_picks(result) -> dict[str, float]:
+    """The constant LR that each candidate rule reads off a sweep's probes (``valley``: no probes)."""
+    from birdnet_stm32.training.lr_analysis import _parabola_minimum, probe_scores
+
+    out = {"valley": result.suggestions["valley"]}
+    if not result.probes:
+        return out
+    lrs = np.array(result.probes["lrs"])
+    scores, _ = probe_scores(result.probes["runs"])
+    if np.isfinite(scores).any():
+        out["lowest probe"] = float(lrs[int(np.argmin(scores))])
+        out["parabola"] = _parabola_minimum(lrs, scores)
+    return out
+
+
+def search_grids(task: Task, trainer: Trainer, seeds, args) -> dict[str, GridCurve]:
+    """Grid-search the LR for every schedule (``args.per_decade`` points per decade, every seed at each)."""
     lo, hi = task.grid
     grid_lrs = 10 ** np.arange(lo, hi + 1e-9, 1.0 / args.per_decade)
-    curves, noise_floor = {}, {}
+    curves = {}
     for s in args.schedules:
         c = curves[s] = GridCurve({float(lr): [trainer.run(s, float(lr), seed) for seed in seeds] for lr in grid_lrs})
-        rerun = [trainer.run(s, c.best_lr, 1000 + seed) for seed in seeds]
-        noise_floor[s] = float(c.acc[c.best] - 100 * np.mean([r["acc"] for r in rerun]))
         print(f"[{task.name}] grid {s:8s}: best lr {c.best_lr:.2e} acc {c.acc[c.best]:.1f}% (smoothed best "
-              f"{c.smooth.max():.1f}%); re-trained with fresh seeds: {noise_floor[s]:+.1f} points "
-              f"({len(grid_lrs)} lrs x {len(seeds)} seeds)")  # fmt: skip
-    return curves, noise_floor
+              f"{c.smooth.max():.1f}%) ({len(grid_lrs)} lrs x {len(seeds)} seeds)")  # fmt: skip
+    return curves
+
+
+def reference_runs(trainer: Trainer, schedule: str, curve: GridCurve, fresh) -> list[float]:
+    """The grid search's pick (its best LR) trained on fresh seeds: what a grid search really delivers.
+
+    Every pick is trained on fresh seeds too and compared with this, so neither side profits from the selection
+    of a lucky grid point (the grid's own best accuracy is biased upwards by that: the noise floor). The
+    reference gets as many runs as all the picks together, so it is not the noisier side of the comparison.
+    """
+    accs = [trainer.run(schedule, curve.best_lr, seed)["acc"] for seed in fresh]
+    print(f"[{trainer.task.name}] reference {schedule}: grid best lr {curve.best_lr:.2e} on {len(accs)} fresh seeds "
+          f"{100 * np.mean(accs):.1f}% (grid {curve.acc[curve.best]:.1f}%)")  # fmt: skip
+    return accs
+
+
+def noise_floor(curve: GridCurve, reference: list[float]) -> float:
+    """How much the grid's best accuracy overstates its best LR: grid accuracy minus fresh-seed accuracy."""
+    return float(curve.acc[curve.best] - 100 * np.mean(reference))
 
 
 def saved_curve(g: dict[str, Any]) -> GridCurve:
@@ -470,53 +534,43 @@ def grid_ratios(curves: dict[str, GridCurve]) -> dict[str, float]:
     }
 
 
-def rescore(task: Task, saved: dict[str, Any], args) -> None:
-    """Train the current rules' recommendations on the saved sweeps and score them against the saved grids."""
-    from birdnet_stm32.training.lr_analysis import LRFinderResult
+def score_pick(
+    trainer: Trainer, schedule: str, curve: GridCurve, lrs: list, reference: list[float] | None, fresh
+) -> dict[str, Any]:
+    """Regret of one kind of pick over the sweep seeds: read off the grid, and trained on the fresh seeds.
 
-    trainer = Trainer(task)
-    seeds = range(args.train_seeds or task.train_seeds)
-    results = [LRFinderResult.from_sweep(w["lrs"], w["losses"], smoothing=w["smoothing"], num_steps=w["num_steps"])
-               for w in saved["sweeps"]]  # fmt: skip
-    for name, schedule, attr in (
-        ("ours_constant", "constant", "recommended_lr"),
-        ("ours_peak", "cosine", "recommended_peak_lr"),
-    ):
-        if schedule not in saved["grid"]:  # a --schedules run searched only the other grid
-            continue
-        curve = saved_curve(saved["grid"][schedule])
-        s = score_pick(trainer, schedule, curve, [getattr(r, attr) for r in results], True, seeds)
-        print(f"[{task.name}] {name:14s} median lr {s['median_lr']:.2e}: regret {_n(s['mean_regret'])}/"
-              f"{_n(s['worst_regret'])} trained, {_n(s['mean_smooth_regret'])}/{_n(s['worst_smooth_regret'])} "
-              f"on the smoothed grid, catastrophic {s['catastrophic']}, "
-              f"spread {s['spread_std_decades']:.2f} decades")  # fmt: skip
-
-
-def score_pick(trainer: Trainer, schedule: str, curve: GridCurve, lrs: list, train: bool, seeds) -> dict[str, Any]:
-    """Regret of one kind of pick over the sweep seeds: trained for real (``train``) and read off the grid."""
-    rows = []
+    Trained (with ``reference``, the grid's best LR on the same fresh seeds): regret = reference accuracy minus
+    the pick's, in points; its standard error treats every run as independent.
+    """
+    rows, accs = [], []
     for lr in lrs:
         if lr is None:
             rows.append({"lr": None, "failed": True})
             continue
         row = curve.regret(lr)
-        if train:
-            real = [trainer.run(schedule, lr, seed) for seed in seeds]
-            row["trained_regret"] = float(curve.acc[curve.best] - 100 * np.mean([r["acc"] for r in real]))
+        if reference is not None:
+            real = [trainer.run(schedule, lr, seed) for seed in fresh]
+            row["accs"] = [r["acc"] for r in real]
+            row["trained_regret"] = float(100 * (np.mean(reference) - np.mean(row["accs"])))
             row["diverged"] = any(r["diverged"] for r in real)
+            accs.extend(row["accs"])
         rows.append(row)
     ok = [r for r in rows if r.get("lr")]
     log_lrs = np.log10([r["lr"] for r in ok]) if ok else np.array([np.nan])
-    key = "trained_regret" if train else "acc_regret"
+    key = "trained_regret" if reference is not None else "acc_regret"
 
     def stat(values, fn):
         return float(fn(values)) if values else None
 
+    se = None
+    if reference is not None and len(accs) > 1:
+        se = 100 * float(np.sqrt(np.var(reference, ddof=1) / len(reference) + np.var(accs, ddof=1) / len(accs)))
     return {
         "rows": rows,
-        "trained": train,
+        "trained": reference is not None,
         "median_lr": float(10 ** np.median(log_lrs)),
         "mean_regret": stat([r[key] for r in ok], np.mean),
+        "regret_se": se,
         "worst_regret": stat([r[key] for r in ok], np.max),
         "mean_smooth_regret": stat([r["smooth_regret"] for r in ok], np.mean),
         "worst_smooth_regret": stat([r["smooth_regret"] for r in ok], np.max),
@@ -603,17 +657,18 @@ def step_overhead(task: Task, pairs: int = 1000) -> dict[str, float]:
 
 def print_task(out: dict[str, Any]) -> None:
     name = out["task"]
-    best = ", ".join(f"{s} {g['best_lr']:.2e} ({g['best_acc']:.1f}%, noise floor {out['noise_floor'][s]:+.1f})"
+    best = ", ".join(f"{s} {g['best_lr']:.2e} ({g['best_acc']:.1f}%, noise floor {_n(out['noise_floor'].get(s))})"
                      for s, g in out["grid"].items())  # fmt: skip
     ratio = (f": peak / constant {out['cosine_over_constant']:.2f} ({out['smoothed_cosine_over_constant']:.2f} on "
              "the smoothed grids)" if "cosine_over_constant" in out else "")  # fmt: skip
     print(f"\n[{name}] grid best: {best}{ratio}")
-    print(f"[{name}] {'pick':14s} {'median lr':>10s} {'regret mean/worst':>18s} {'smoothed grid':>14s} "
+    print(f"[{name}] {'pick':14s} {'median lr':>10s} {'regret mean+-se/worst':>22s} {'smoothed grid':>14s} "
           f"{'loss regret':>12s} {'catastr.':>9s} {'spread std/range (dec)':>23s}")  # fmt: skip
     for pick, s in out["scored"].items():
         kind = "trained" if s["trained"] else "grid"
-        print(f"[{name}] {pick:14s} {s['median_lr']:10.2e} {_n(s['mean_regret']):>7s}/{_n(s['worst_regret']):<5s}"
-              f"{kind:>6s} {_n(s['mean_smooth_regret']):>7s}/{_n(s['worst_smooth_regret']):<6s} "
+        smooth = f"{_n(s['mean_smooth_regret'])}/{_n(s['worst_smooth_regret'])}"
+        print(f"[{name}] {pick:14s} {s['median_lr']:10.2e} {_n(s['mean_regret']):>5s}+-{_n(s.get('regret_se')):<3s}/"
+              f"{_n(s['worst_regret']):<5s}{kind:>7s} {smooth:>13s} "
               f"{_n(s['mean_loss_regret'], 3):>12s} {s['catastrophic']:>9d} "
               f"{s['spread_std_decades']:>14.2f} / {s['spread_range_decades']:.2f}")  # fmt: skip
     print_cost(name, out["cost"])
@@ -628,18 +683,33 @@ def print_cost(name: str, c: dict[str, Any]) -> None:
           f"{c['plain_step_ms']:.2f} ms: {c['overhead_pct']:+.1f} %")  # fmt: skip
 
 
+def merge_results(paths: list[Path]) -> list[dict[str, Any]]:
+    """The results of several ``--json`` runs, one entry per task (a constant-only and a cosine-only run merge)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for r in json.loads(path.read_text()):
+            m = merged.setdefault(r["task"], {**r, "grid": {}, "scored": {}, "rule_table": {}, "noise_floor": {}})
+            for key in ("grid", "scored", "rule_table", "noise_floor"):
+                m[key].update(r[key])
+            m["probe_table"] = m.get("probe_table") or r.get("probe_table")
+    for m in merged.values():
+        m.update(grid_ratios({s: saved_curve(g) for s, g in m["grid"].items()}))
+    return list(merged.values())
+
+
 def summarize(results: list[dict[str, Any]], smoothings) -> None:
     print("\n=== summary over tasks")
     tasks = [r["task"] for r in results]
     for smoothing in smoothings:
-        for schedule in results[0]["grid"]:
+        for schedule in dict.fromkeys(s for r in results for s in r["grid"]):
+            have = [r for r in results if schedule in r["grid"]]
             print(f"rule x multiplier, {schedule} schedule, smoothing {smoothing}: regret on the smoothed grid, "
-                  "mean over tasks / worst sweep of any task")  # fmt: skip
+                  f"mean over tasks / worst sweep of any task ({', '.join(r['task'] for r in have)})")  # fmt: skip
             print("  multiplier " + " ".join(f"{10 ** (k / 4):>9.3g}" for k in MULTIPLIER_STEPS))
             for rule in RULES:
                 cells = []
                 for k in MULTIPLIER_STEPS:
-                    cell = [r["rule_table"][f"{smoothing}|{rule}|{k}|{schedule}"] for r in results]
+                    cell = [r["rule_table"][f"{smoothing}|{rule}|{k}|{schedule}"] for r in have]
                     if any(c["mean"] is None for c in cell):
                         cells.append(f"{'n/a':>9s}")
                     else:
@@ -653,8 +723,8 @@ def summarize(results: list[dict[str, Any]], smoothings) -> None:
               f"on the smoothed grid: {', '.join(f'{x:.2f}' for x in smoothed)} "
               f"(geometric mean {math.exp(np.mean(np.log(smoothed))):.2f})")  # fmt: skip
     print(
-        "targets per task: ours within 1 point (trained mean regret | smoothed-grid mean), 0 catastrophic, "
-        "spread std <= 0.2 decades, better than the seed's rule, per-step overhead < 5 %"
+        "targets per task: ours within 1 point (trained mean regret +- standard error | smoothed-grid mean), "
+        "0 catastrophic, spread std <= 0.2 decades, better than the seed's rule, per-step overhead < 5 %"
     )
     for r in results:
         sc = r["scored"]
@@ -665,8 +735,9 @@ def summarize(results: list[dict[str, Any]], smoothings) -> None:
             better = (
                 ours["mean_smooth_regret"] < seed["mean_smooth_regret"] and ours["catastrophic"] <= seed["catastrophic"]
             )
-            print(f"  {r['task']:11s} {kind:8s} regret {_n(ours['mean_regret'])} | {_n(ours['mean_smooth_regret'])} "
-                  f"(noise floor {r['noise_floor']['constant' if kind == 'constant' else 'cosine']:+.1f}), "
+            floor = r["noise_floor"].get("constant" if kind == "constant" else "cosine")
+            print(f"  {r['task']:11s} {kind:8s} regret {_n(ours['mean_regret'])} +- {_n(ours.get('regret_se'))} | "
+                  f"{_n(ours['mean_smooth_regret'])} (noise floor {_n(floor)}), "
                   f"catastrophic {ours['catastrophic']}, spread {ours['spread_std_decades']:.2f}, "
                   f"seed rule {_n(seed['mean_smooth_regret'])} ({seed['catastrophic']} catastrophic): "
                   f"{'better' if better else 'NOT better'}; overhead {r['cost']['overhead_pct']:+.1f} %")  # fmt: skip
@@ -686,26 +757,27 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="digits only, 3 points/decade, 2 sweep seeds, 1 seed")
     parser.add_argument("--sweep-seeds", type=int, default=5)
     parser.add_argument("--train-seeds", type=int, help="training seeds per grid point (default: the task's, 2-3)")
+    parser.add_argument("--verify-seeds", type=int, help="fresh seeds per trained pick (default: the task's)")
     parser.add_argument("--schedules", default="constant,cosine", help="grids to search: constant, cosine or both")
     parser.add_argument("--per-decade", type=int, default=4)
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="score picks on the grid only")
     parser.add_argument("--json", type=Path, help="write all figures to this JSON file")
     parser.add_argument("--plot", type=Path, help="only save the plot of one sweep (seed 100) on the first task")
     parser.add_argument("--cost-only", action="store_true", help="only the cost figures (sweep time, overhead)")
-    parser.add_argument("--probe-steps", type=int, default=50, help="steps of each constant-LR probe (0: off)")
+    parser.add_argument("--probe-steps", type=int, default=100, help="steps of each constant-LR probe (0: off)")
     parser.add_argument("--grid-from", type=Path, help="take the grids from an earlier --json run, do not search")
-    parser.add_argument(
-        "--rescore",
-        type=Path,
-        help="re-score the current rules' recommendations (trained for "
-        "real) on the grids and sweeps saved by an earlier --json run, without re-running them",
-    )
+    parser.add_argument("--report", type=Path, nargs="+", help="print the summary of earlier --json runs, merged")
     args = parser.parse_args(argv)
     args.smoothings = (5, 20)
     args.schedules = args.schedules.split(",")
     if args.quick:
         args.tasks, args.per_decade, args.sweep_seeds, args.train_seeds = "digits", 3, 2, 1
     args.tasks = args.tasks.split(",")
+    if args.report:
+        for r in merge_results(args.report):
+            print_task(r)
+        summarize(merge_results(args.report), args.smoothings)
+        return 0
     t0 = time.perf_counter()
     sys.path.insert(0, str(ROOT))
     import tensorflow as tf
@@ -720,11 +792,6 @@ def main(argv=None) -> int:
         print(result.summary())
         print(f"{task.notes}; sweep {seconds:.1f} s; plot written to {args.plot}")
         return 0
-    if args.rescore:
-        for saved in json.loads(args.rescore.read_text()):
-            if saved["task"] in args.tasks:
-                rescore(makers[saved["task"]](), saved, args)
-        return 0
     if args.cost_only:
         for name in args.tasks:
             if (task := makers[name]()) is not None:
@@ -735,10 +802,11 @@ def main(argv=None) -> int:
         task = makers[name]()
         if task is not None:
             results.append(run_task(task, args))
+            if args.json:  # after every task: a crash or an interrupt keeps what was measured
+                args.json.write_text(json.dumps(results, indent=1, default=float))
     summarize(results, args.smoothings)
     print(f"\ntotal time {time.perf_counter() - t0:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1, default=float))
         print(f"figures written to {args.json}")
     return 0
 

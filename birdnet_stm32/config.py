@@ -208,7 +208,7 @@ class LRFinderConfig:
     max_lr: float = 1.0
     num_steps: int = 200
     smoothing: int = 5
-    probe_steps: int = 50
+    probe_steps: int = 100
 
     def validate(self) -> None:
         """Check the sweep settings.

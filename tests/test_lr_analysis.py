@@ -18,6 +18,7 @@ from birdnet_stm32.training.lr_analysis import (
     check_sweep_args,
     ema,
     noise_sigma,
+    probe_scores,
     sweep_lrs,
 )
 
@@ -178,6 +179,53 @@ def test_shifting_the_loss_changes_no_suggestion():
     b = LRFinderResult.from_sweep(lrs, losses - 10.0)
     for name in SUGGESTION_RULES:
         assert a.suggestions[name] == pytest.approx(b.suggestions[name], rel=1e-9)
+
+
+def test_probe_lrs_stay_below_half_the_divergence_point_and_max_lr():
+    good = LRFinderResult.from_sweep(*sweep_curve())  # diverges near 10**-0.8
+    valley, top = good.suggestions["valley"], good.suggestions["divergence"] / 2
+    assert good.probe_lrs()[0] == valley and all(lr <= top for lr in good.probe_lrs())
+    assert [round(lr / valley) for lr in good.probe_lrs()] == [1, 2, 4, 8][: len(good.probe_lrs())]
+    late = LRFinderResult.from_sweep(*sweep_curve(centre=-1.5, blowup=5.0))  # reaches max_lr=1 undiverged
+    assert late.ok and max(late.probe_lrs()) <= 1.0
+    bad = LRFinderResult.from_sweep(*sweep_curve(centre=3.0))
+    assert not bad.ok and bad.probe_lrs() == []
+
+
+def flat_runs(scores, steps=50):
+    return [np.full(steps, float(v)) for v in scores]
+
+
+def test_probes_pick_the_minimum_of_their_loss_curve():
+    result = LRFinderResult.from_sweep(*sweep_curve())
+    lrs = np.array([1e-3, 2e-3, 4e-3, 8e-3])
+    bowl = (np.log10(lrs) - np.log10(3.3e-3)) ** 2 + 0.4  # a parabola in log LR with its minimum at 3.3e-3
+    probed = result.with_probes(lrs, flat_runs(bowl))
+    assert probed.recommended_lr == pytest.approx(3.3e-3) == probed.probes["picked"]
+    assert probed.recommended_peak_lr == result.recommended_peak_lr and probed.suggestions == result.suggestions
+    assert result.with_probes(lrs, flat_runs(bowl - 5.0)).recommended_lr == pytest.approx(3.3e-3)  # below zero too
+    falling = result.with_probes(lrs, flat_runs([0.9, 0.8, 0.7, 0.6]))
+    assert falling.recommended_lr == 8e-3  # the lowest probe is the last: no extrapolation
+    diverged_neighbour = result.with_probes(lrs, flat_runs([0.9, 0.5, float("nan"), 0.7]))
+    assert diverged_neighbour.recommended_lr == 2e-3
+    saved = json.loads(json.dumps(diverged_neighbour.to_dict(), allow_nan=False))  # standard JSON: no NaN
+    assert saved["probes"]["losses"][2] is None and saved["probes"]["runs"][2][0] is None
+    assert "4.00e-03: diverged" in diverged_neighbour.summary()
+    none = result.with_probes(lrs, flat_runs([float("inf")] * 4))
+    assert none.recommended_lr == result.recommended_lr and "every constant-LR probe diverged" in none.warnings[-1]
+    with pytest.raises(ValueError, match="as many runs"):
+        result.with_probes(lrs, flat_runs([0.5]))
+
+
+def test_probe_scores_use_the_last_half_and_flag_a_diverged_run():
+    rng = np.random.default_rng(0)
+    falling = np.linspace(2.0, 1.0, 400) + rng.normal(0, 0.2, 400)
+    late_nan = np.r_[np.ones(300), np.nan, np.ones(99)]
+    scores, stderr = probe_scores([falling, late_nan])
+    assert scores[0] == pytest.approx(falling[200:].mean()) and scores[1] == np.inf
+    assert stderr[0] == pytest.approx(0.2 / np.sqrt(200), rel=0.15) and stderr[1] == np.inf
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        probe_scores([[1.0]])
 
 
 def test_schedule_lrs_and_unknown_schedule():

@@ -109,8 +109,11 @@ def test_mirrored_strategy_on_two_cpu_devices_records_the_global_batch_loss():
     assert result.metadata["replicas"] == 2
     np.testing.assert_allclose(result.losses, direct_batch_losses(model, x, y, 16, 24), rtol=1e-5)
     assert any("keras-team/keras#19246" in w for w in result.warnings)  # spe=3 fell back to 1
-    good = find_lr(model, make_data(512), min_lr=1e-4, max_lr=100.0, num_steps=60, seed=0, progress=False)
+    good = find_lr(model, make_data(512), min_lr=1e-4, max_lr=100.0, num_steps=60, seed=0, progress=False,
+                   probe_steps=8)  # fmt: skip
     assert good.ok and good.metadata["optimizer"]["class"] == "SGD"
+    assert [len(run) for run in good.probes["runs"]] == [8] * len(good.probes["lrs"])  # every replica's step
+    assert np.isfinite(good.probes["runs"][0]).all()
 
 
 def test_sweeps_a_clone_of_the_users_optimizer_and_loss():
@@ -253,9 +256,13 @@ def test_constant_lr_probes_restart_from_the_starting_weights_with_a_fresh_optim
         replay.compile(optimizer=keras.optimizers.SGD(lr, momentum=0.9), loss="categorical_crossentropy")
         rows = [slice(32 * (i % 16), 32 * (i % 16 + 1)) for i in range(20)]
         losses = [float(replay.train_on_batch(x[r], y[r])) for r in rows]
-        expected.append(np.mean(losses[10:]))
+        expected.append(losses)
+    np.testing.assert_allclose(result.probes["runs"], expected, rtol=1e-4)  # the true loss of every step
+    expected = np.mean(np.array(expected)[:, 10:], axis=1)
     np.testing.assert_allclose(result.probes["losses"], expected, rtol=1e-4)
-    assert result.recommended_lr == result.probes["picked"] == result.probes["lrs"][int(np.argmin(expected))]
+    best, lrs = int(np.argmin(expected)), result.probes["lrs"]
+    assert result.recommended_lr == result.probes["picked"]
+    assert lrs[max(best - 1, 0)] <= result.recommended_lr <= lrs[min(best + 1, len(lrs) - 1)]  # around the best
     assert result.recommended_peak_lr == pytest.approx(valley * PEAK_OVER_CONSTANT)  # the peak keeps its rule
     assert "constant-LR probes" in result.summary() and result.to_dict()["probes"]["picked"] == result.recommended_lr
 

@@ -44,12 +44,13 @@ a schedule spends most of its steps well below its peak. Both rules and the rati
 by the benchmark in ``bench/lr_finder.py`` (see ``docs/lr-finder.md``).
 
 **Constant-LR probes** (optional: ``find_lr(probe_steps=N)``, on by default for ``--schedule constant`` and
-``find-lr``). The best constant LR for a fixed budget sits anywhere from 1 to 15 times the ``valley``
+``find-lr``). The best constant LR for a fixed budget sits anywhere from 0.4 to 10 times the ``valley``
 suggestion depending on the optimizer and the task, and no single landmark of one sweep predicts it. So
 :meth:`LRFinderResult.probe_lrs` lists ``valley x`` :data:`PROBE_FACTORS` (1, 2, 4, 8; kept below the divergence
 point / 2 and ``max_lr``), each is trained for ``N`` steps at that constant LR from the starting weights, and
-:meth:`LRFinderResult.with_probes` recommends the one whose mean loss over the last half of its steps is
-lowest. The schedule peak stays ``valley x PEAK_OVER_CONSTANT``.
+:meth:`LRFinderResult.with_probes` scores each by its mean loss over the last half of its steps and recommends
+the minimum of the parabola (in log LR) through the lowest probe and its two neighbours, which lies between
+them; at the end of the row, the lowest probe itself. The schedule peak stays ``valley x PEAK_OVER_CONSTANT``.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ number > 0; try min_lr=1e-07
         or not (probe_steps == 0 or probe_steps >= 4)
     ):
         raise LRFinderError(
-            f"LR finder: probe_steps (--probe-steps) = {probe_steps} must be 0 (no probes) or an integer >= 4; try 50"
+            f"LR finder: probe_steps (--probe-steps) = {probe_steps} must be 0 (no probes) or an integer >= 4; try 100"
         )
 
 
@@ -307,6 +308,36 @@ class DivergenceMonitor:
         return "diverged" if rise > margin else None
 
 
+def probe_scores(runs: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Score of each constant-LR probe: the mean loss over the last half of its steps, and its standard error.
+
+    Args:
+        runs: For each probe, the true loss of every step, in order (at least 2 steps).
+
+    Returns:
+        ``(scores, stderr)``: ``inf`` for a run with a non-finite loss (it diverged); the standard error is the
+        per-step noise (:func:`noise_sigma`) of the last half over the square root of its length.
+
+    Raises:
+        ValueError: A run has fewer than 2 steps.
+
+    Examples:
+        >>> scores, stderr = probe_scores([[3.0, 2.0, 1.0, 1.0], [3.0, float("nan"), 9.0, 9.0]])
+        >>> scores.tolist(), stderr.tolist()
+        ([1.0, inf], [0.0, inf])
+    """
+    scores, stderr = [], []
+    for run in runs:
+        x = np.asarray(run, dtype=np.float64)
+        if x.size < 2:
+            raise ValueError(f"probe_scores: a probe run needs at least 2 steps, got {x.size}")
+        tail = x[x.size // 2 :]
+        finite = bool(np.isfinite(x).all())
+        scores.append(float(tail.mean()) if finite else math.inf)
+        stderr.append(noise_sigma(tail) / math.sqrt(tail.size) if finite else math.inf)
+    return np.array(scores), np.array(stderr)
+
+
 def _log_interp(position: np.ndarray | float, lrs: np.ndarray) -> np.ndarray:
     """LR at fractional step ``position``, interpolated in log space."""
     return 10.0 ** np.interp(position, np.arange(lrs.size), np.log10(lrs))
@@ -336,7 +367,8 @@ class LRFinderResult:
         metadata: Sweep settings and context (range, steps, smoothing, optimizer, batch size, seed, versions,
             wall time, ...), written into ``lr_finder.json``.
         probes: The constant-LR probes, if any were run (:meth:`with_probes`): ``{"steps", "lrs", "losses",
-            "picked"}``, the losses being each probe's mean loss over the last half of its steps.
+            "stderr", "runs", "picked"}``, the losses being each probe's score (:func:`probe_scores`) and the
+            runs its per-step losses.
 
     Examples:
         >>> lrs = sweep_lrs(1e-6, 1.0, 120)
@@ -477,36 +509,50 @@ class LRFinderResult:
             top = min(top, self.suggestions["divergence"] / PROBE_BELOW_DIVERGENCE)
         return [valley * f for f in PROBE_FACTORS if f == 1.0 or valley * f <= top]
 
-    def with_probes(self, lrs: Sequence[float], losses: Sequence[float], steps: int) -> LRFinderResult:
-        """The result with the constant LR chosen by probes: the LR whose probe reached the lowest loss.
+    def with_probes(self, lrs: Sequence[float], runs: Sequence[Sequence[float]]) -> LRFinderResult:
+        """The result with the constant LR chosen by probes: the minimum of the probes' loss curve.
+
+        Each probe is scored by the mean of its losses over the last half of its steps (``inf`` if any of them
+        is not finite: it diverged). The minimum is that of the parabola in ``log10(lr)`` through the probe with
+        the lowest score and its two neighbours (kept between the neighbours); when the lowest probe is the
+        first or the last, or a neighbour diverged, it is that probe's LR. Interpolating instead of taking the
+        lowest probe moves the pick less from one sweep to the next, and not past a neighbour that was nearly as
+        good.
 
         Args:
             lrs: The probed learning rates (from :meth:`probe_lrs`).
-            losses: Each probe's mean loss over the last half of its steps (non-finite: it diverged).
-            steps: Steps of each probe.
+            runs: For each probe, the true loss of every step, in order.
 
         Returns:
-            A copy with ``recommended_lr`` set to the best probe and ``probes`` filled in; unchanged if no probe
-            has a finite loss (a warning says so).
+            A copy with ``recommended_lr`` set to the minimum and ``probes`` filled in (``steps``, ``lrs``,
+            ``losses``: the scores, ``stderr``: their standard errors, ``runs``: the per-step losses, ``picked``);
+            the recommendation is unchanged if every probe diverged (a warning says so).
 
         Raises:
-            ValueError: ``lrs`` and ``losses`` differ in length or are empty.
+            ValueError: ``lrs`` and ``runs`` differ in length or are empty, or a run has fewer than 2 steps.
 
         Examples:
             >>> lrs = sweep_lrs(1e-6, 1.0, 120)
             >>> result = LRFinderResult.from_sweep(lrs, 2.3 - 2.0 / (1 + np.exp(-3 * (np.log10(lrs) + 3.5))))
-            >>> probed = result.with_probes(result.probe_lrs(), [0.9, 0.7, 0.8, float("nan")], steps=50)
-            >>> probed.recommended_lr == 2 * result.suggestions["valley"]
-            True
+            >>> runs = [np.full(50, v) for v in (0.9, 0.7, 0.8, float("nan"))]
+            >>> probed = result.with_probes(result.probe_lrs(), runs)
+            >>> round(probed.recommended_lr / result.suggestions["valley"], 2)  # between x1 and x4, nearer x2
+            2.24
         """
-        if len(lrs) != len(losses) or not len(lrs):
-            raise ValueError(f"with_probes: need as many losses as LRs (>= 1), got {len(lrs)} and {len(losses)}")
-        scores = np.array([v if math.isfinite(v) else np.inf for v in map(float, losses)])
-        probes = {"steps": int(steps), "lrs": [float(v) for v in lrs], "losses": [float(v) for v in losses]}
+        if len(lrs) != len(runs) or not len(lrs):
+            raise ValueError(f"with_probes: need as many runs as LRs (>= 1), got {len(lrs)} and {len(runs)}")
+        scores, stderr = probe_scores(runs)
+        probes = {  # non-finite values as None: lr_finder.json stays standard JSON
+            "steps": max(len(r) for r in runs),
+            "lrs": [float(v) for v in lrs],
+            "losses": _finite_or_none(scores),
+            "stderr": _finite_or_none(stderr),
+            "runs": [_finite_or_none(r) for r in runs],
+        }
         if not np.isfinite(scores).any():
             note = "every constant-LR probe diverged; the recommended constant LR is the valley suggestion"
             return dataclasses.replace(self, probes={**probes, "picked": None}, warnings=[*self.warnings, note])
-        picked = float(lrs[int(np.argmin(scores))])
+        picked = _parabola_minimum(np.asarray(lrs, dtype=float), scores)
         return dataclasses.replace(self, recommended_lr=picked, probes={**probes, "picked": picked})
 
     def lr_for_schedule(self, schedule: str) -> float:
@@ -614,10 +660,13 @@ class LRFinderResult:
             lr = self.suggestions.get(name)
             lines.append(f"  {name:<11} {_fmt(lr):>9}   {notes[name]}")
         if self.probes:
-            tried = ", ".join(
-                f"{_fmt(lr)}: {loss:.4g}" for lr, loss in zip(self.probes["lrs"], self.probes["losses"], strict=True)
+            p = self.probes
+            rows = zip(p["lrs"], p["losses"], p["stderr"], strict=True)
+            tried = (
+                f"{_fmt(lr)}: " + ("diverged" if loss is None else f"{loss:.4g} +- {se:.2g}") for lr, loss, se in rows
             )
-            lines.append(f"  constant-LR probes ({self.probes['steps']} steps, mean loss of the last half): {tried}")
+            lines.append(f"  constant-LR probes ({p['steps']} steps; mean loss of the last half +- standard error):")
+            lines.append("    " + ", ".join(tried))
         if self.ok:
             lines.append(f"  recommended constant LR      {_fmt(self.recommended_lr)}   (--schedule constant)")
             lines.append(
@@ -821,6 +870,26 @@ def _judge(
     return None, warnings
 
 
+def _parabola_minimum(lrs: np.ndarray, scores: np.ndarray) -> float:
+    """Minimum of the parabola in log LR through the lowest score and its neighbours (see ``with_probes``)."""
+    i = int(np.argmin(scores))
+    if i == 0 or i == len(scores) - 1 or not np.isfinite(scores[i - 1 : i + 2]).all():
+        return float(lrs[i])
+    (x0, x1, x2), (y0, y1, y2) = np.log10(lrs[i - 1 : i + 2]), scores[i - 1 : i + 2]
+    # A parabola's secant slope is its derivative at the secant's midpoint, and its derivative is linear: it
+    # goes from slope_0 at m0 to slope_1 at m1 and is zero at the vertex.
+    slope_0, slope_1 = (y1 - y0) / (x1 - x0), (y2 - y1) / (x2 - x1)
+    if slope_1 <= slope_0:  # not curved upwards (all three equal): nothing to interpolate
+        return float(lrs[i])
+    m0, m1 = (x0 + x1) / 2, (x1 + x2) / 2
+    vertex = m0 - slope_0 * (m1 - m0) / (slope_1 - slope_0)
+    return float(10 ** np.clip(vertex, x0, x2))
+
+
+def _finite_or_none(values: Sequence[float] | np.ndarray) -> list[float | None]:
+    return [float(v) if math.isfinite(v) else None for v in values]
+
+
 def _reason_text(reason: str) -> str:
     return "became non-finite" if reason == "non_finite" else "diverged"
 
@@ -869,5 +938,6 @@ __all__ = [
     "check_sweep_args",
     "ema",
     "noise_sigma",
+    "probe_scores",
     "sweep_lrs",
 ]

@@ -484,8 +484,9 @@ def find_lr(
         progress: Show a progress bar with step, learning rate and smoothed loss.
         probe_steps: If > 0, after a good sweep train the clone for this many steps at each constant LR of
             :meth:`~birdnet_stm32.training.lr_analysis.LRFinderResult.probe_lrs` (from the starting weights and
-            a fresh optimizer each time) and recommend as constant LR the one with the lowest mean loss over the
-            last half of its steps (about ``4 x probe_steps`` more steps; measured in ``docs/lr-finder.md``).
+            a fresh optimizer each time) and recommend as constant LR the minimum of their losses over the last
+            half of their steps (:meth:`~birdnet_stm32.training.lr_analysis.LRFinderResult.with_probes`; about
+            ``4 x probe_steps`` more steps; 100 is the measured choice, see ``docs/lr-finder.md``).
 
     Returns:
         The :class:`~birdnet_stm32.training.lr_analysis.LRFinderResult`: arrays, every rule's suggestion,
@@ -555,8 +556,8 @@ def find_lr(
                 optimizer = _clone_optimizer(model.optimizer if compiled else None, 1e-3)
                 clone.compile(**_compile_kwargs(model if compiled else None, optimizer, loss_fn, spe))
                 lrs = result.probe_lrs()
-                losses = _probe(clone, dataset, lrs, probe_steps, start, progress)
-            result = result.with_probes(lrs, losses, probe_steps)
+                runs = _probe(clone, dataset, lrs, probe_steps, start, progress)
+            result = result.with_probes(lrs, runs)
             result.metadata["total_time_s"] = round(time.perf_counter() - t0, 3)
     result.warnings.extend(extra_warnings)
     if result.ok:
@@ -610,25 +611,29 @@ def run_lr_finder(
 
 def _probe(
     clone: keras.Model, dataset: tf.data.Dataset, lrs: list[float], steps: int, start: list[np.ndarray], progress: bool
-) -> list[float]:
+) -> list[np.ndarray]:
     """Train ``clone`` for ``steps`` steps at each constant LR from the weights ``start`` and a fresh optimizer.
 
-    Returns each run's mean loss over its last ``steps // 2`` steps (Keras' own epoch mean of the second of two
-    epochs; the first epoch is the run-in).
+    Returns the true loss of every applied step of each run (recorded in the train step like the sweep's).
     """
     optimizer = clone.optimizer
     optimizer.build(clone.trainable_variables)
-    fresh = [v.numpy() for v in optimizer.variables]
-    half = steps // 2
-    losses = []
-    for lr in tqdm(lrs, desc="LR probes", unit="probe", disable=not progress, leave=False):
-        clone.set_weights(start)
-        for var, value in zip(optimizer.variables, fresh, strict=True):
-            var.assign(value)
-        _inner_optimizer(optimizer).learning_rate = lr
-        history = clone.fit(dataset, epochs=2, steps_per_epoch=half, shuffle=False, verbose=0).history
-        losses.append(float(history["loss"][-1]))
-    return losses
+    fresh = [v.numpy() for v in optimizer.variables]  # iterations included: every run writes rows from 0
+    recorder = _LossRecorder(clone, steps, start=0)
+    clone.make_train_function(force=True)
+    runs = []
+    try:
+        for lr in tqdm(lrs, desc="LR probes", unit="probe", disable=not progress, leave=False):
+            clone.set_weights(start)
+            for var, value in zip(optimizer.variables, fresh, strict=True):
+                var.assign(value)
+            _inner_optimizer(optimizer).learning_rate = lr
+            clone.fit(dataset, epochs=1, steps_per_epoch=steps, shuffle=False, verbose=0)
+            runs.append(recorder.read()[: min(recorder.applied_steps(), steps), 0].astype(np.float64))
+    finally:
+        recorder.remove()
+        clone.make_train_function(force=True)
+    return runs
 
 
 def _inner_optimizer(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
