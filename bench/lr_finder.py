@@ -473,16 +473,12 @@ def run_task(task: Task, args) -> dict[str, Any]:
 
 def probe_picks(result) -> dict[str, float]:
     """The constant LR that each candidate rule reads off a sweep's probes (``valley``: no probes)."""
-    from birdnet_stm32.training.lr_analysis import _parabola_minimum, probe_scores
-
     out = {"valley": result.suggestions["valley"]}
-    if not result.probes:
-        return out
-    lrs = np.array(result.probes["lrs"])
-    scores, _ = probe_scores(result.probes["runs"])
-    if np.isfinite(scores).any():
-        out["lowest probe"] = float(lrs[int(np.argmin(scores))])
-        out["parabola"] = _parabola_minimum(lrs, scores)
+    p = result.probes
+    if p and p["picked"] is not None:  # "picked" is None when every probe diverged
+        scores = [math.inf if v is None else v for v in p["losses"]]
+        out["lowest probe"] = float(p["lrs"][int(np.argmin(scores))])
+        out["parabola"] = p["picked"]  # the finder's own pick (LRFinderResult.with_probes)
     return out
 
 
@@ -774,9 +770,10 @@ def main(argv=None) -> int:
         args.tasks, args.per_decade, args.sweep_seeds, args.train_seeds = "digits", 3, 2, 1
     args.tasks = args.tasks.split(",")
     if args.report:
-        for r in merge_results(args.report):
+        merged = merge_results(args.report)
+        for r in merged:
             print_task(r)
-        summarize(merge_results(args.report), args.smoothings)
+        summarize(merged, args.smoothings)
         return 0
     t0 = time.perf_counter()
     sys.path.insert(0, str(ROOT))
